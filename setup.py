@@ -1,0 +1,74 @@
+"""Build of rlhf_engine._C (the paged KV-cache extension) and packaging of kernels/ as rlhf_engine.kernels.
+
+Switches (environment):
+  RLHF_ENGINE_CUDA=0|1   force the CUDA twins off / on. Unset: on when torch has CUDA and a toolkit is found.
+  MAX_JOBS=N             parallel compile jobs; by default derived from free memory so a build never swaps.
+
+A CPU-only install never needs nvcc: the .cu files are compiled only when CUDA is on.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _mem_based_jobs() -> int:
+    # NOTE: each C++ TU that includes torch headers takes ~1.5 GiB in g++; leave headroom.
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        avail_gib = info.get("MemAvailable", 0) / (1024**2)
+        return max(1, min(os.cpu_count() or 1, int(avail_gib // 2)))
+    except OSError:
+        return 1
+
+
+def _want_cuda(torch_mod, cuda_home) -> bool:
+    flag = os.environ.get("RLHF_ENGINE_CUDA")
+    if flag is not None:
+        if flag not in ("0", "1"):
+            raise ValueError(f"RLHF_ENGINE_CUDA must be 0 or 1, found {flag!r}")
+        return flag == "1"
+    return torch_mod.version.cuda is not None and cuda_home is not None
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    os.environ.setdefault("MAX_JOBS", str(_mem_based_jobs()))
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17"]
+    if _want_cuda(torch, CUDA_HOME):
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        ext = CUDAExtension(
+            "rlhf_engine._C",
+            cpp_sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("RLHF_ENGINE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = CppExtension(
+            "rlhf_engine._C",
+            cpp_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    # kernels/ lives at the top level of the repository but installs as rlhf_engine.kernels: a top-level
+    # package named `kernels` belongs to another project on PyPI.
+    packages=find_packages(include=["rlhf_engine", "rlhf_engine.*"]) + ["rlhf_engine.kernels"],
+    package_dir={"rlhf_engine.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

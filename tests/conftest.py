@@ -1,0 +1,24 @@
+"""Test-wide setup. TRITON_INTERPRET must be set before triton is imported: with it the Triton kernels run on
+CPU tensors, which is how this suite exercises them on machines without a GPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+BACKENDS = ["torch", "triton"]  # triton is a dev dependency: its absence must fail, not skip
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs a test once per backend, forcing it through RLHF_ENGINE_BACKEND."""
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,156 @@
+"""linear_logprobs (LM head fused with the log-prob gather, chunked) against a float64 reference, both backends."""
+
+import pytest
+import torch
+
+from rlhf_engine.ops import linear_logprobs, token_logprobs
+
+
+def reference64(hidden, weight, bias, targets, temperature=1.0, ignore_index=-100):
+    """float64: logits = h W^T + b, then log_softmax, gather and entropy, written plainly."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    z = logits / temperature
+    logp_all = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
+
+
+def grads64(hidden, weight, bias, targets, temperature, g_logp, g_ent):
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    logp, entropy = reference64(leaves[0], leaves[1], b, targets, temperature)
+    (logp * g_logp + entropy * g_ent).sum().backward()
+    return logp, entropy, leaves[0].grad, leaves[1].grad, (None if b is None else b.grad)
+
+
+def eager_grads(hidden, weight, bias, targets, temperature, g_logp, g_ent):
+    """Eager PyTorch in the inputs' own dtype: the error budget for ours."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    logits = torch.nn.functional.linear(leaves[0], leaves[1], b)
+    lp_all = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != -100
+    logp = lp_all.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1) * valid
+    entropy = -(lp_all.exp() * lp_all).sum(-1) * valid
+    (logp.float() * g_logp + entropy.float() * g_ent).sum().backward()
+    return leaves[0].grad, leaves[1].grad, (None if b is None else b.grad)
+
+
+def max_err(a, b):
+    return (a.double() - b).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("n, h, v, chunk", [(1, 8, 7, None), (37, 24, 1000, 5), (20, 16, 32003, 7)])
+def test_matches_float64(backend, n, h, v, chunk, with_bias, dtype):
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5).to(dtype)
+    bias = torch.randn(v).to(dtype) if with_bias else None
+    targets = torch.randint(0, v, (n,))
+    targets[torch.rand(n) < 0.3] = -100
+    temperature = 0.8
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    b = None if bias is None else bias.clone().requires_grad_()
+    logp, entropy = linear_logprobs(
+        leaves[0], leaves[1], targets, bias=b, temperature=temperature, return_entropy=True, chunk_size=chunk
+    )
+    g_logp, g_ent = torch.randn(n), torch.randn(n)
+    (logp * g_logp + entropy * g_ent).sum().backward()
+    ref_logp, ref_ent, ref_gh, ref_gw, ref_gb = grads64(hidden, weight, bias, targets, temperature, g_logp, g_ent)
+    eager_gh, eager_gw, eager_gb = eager_grads(hidden, weight, bias, targets, temperature, g_logp, g_ent)
+    # outputs: fp32 math on the matmul result; the matmul itself runs in the input dtype, as eager does
+    out_tol = 2e-4 if dtype == torch.float32 else 0.15
+    torch.testing.assert_close(logp.double(), ref_logp, atol=out_tol, rtol=0)
+    torch.testing.assert_close(entropy.double(), ref_ent, atol=out_tol, rtol=0)
+    pairs = [(leaves[0].grad, eager_gh, ref_gh), (leaves[1].grad, eager_gw, ref_gw)]
+    if with_bias:
+        pairs.append((b.grad, eager_gb, ref_gb))
+    for ours, eager, ref in pairs:
+        assert ours.dtype == dtype
+        floor = 32 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
+        assert max_err(ours, ref) <= 2 * max_err(eager, ref) + floor, (max_err(ours, ref), max_err(eager, ref))
+    assert torch.all(leaves[0].grad[targets == -100] == 0)
+
+
+def test_leading_shape_and_equivalence_with_token_logprobs(backend):
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    targets[0, :4] = -100  # prompt tokens
+    logp = linear_logprobs(hidden, weight, targets, chunk_size=4)
+    assert logp.shape == (2, 9)
+    expected = token_logprobs(hidden @ weight.t(), targets)
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_all_rows_ignored_gives_zero_and_zero_grads(backend):
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    bias = torch.randn(13, requires_grad=True)
+    logp = linear_logprobs(hidden, weight, torch.full((5,), -100), bias=bias)
+    logp.sum().backward()
+    assert torch.all(logp == 0)
+    for t in (hidden, weight, bias):
+        assert torch.all(t.grad == 0)
+
+
+def test_frozen_weight_gets_no_grad(backend):
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(21, 8)  # e.g. a frozen LM head
+    logp = linear_logprobs(hidden, weight, torch.randint(0, 21, (6,)))
+    logp.sum().backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+def test_autocast_bf16_on_cpu(monkeypatch):
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "torch")
+    hidden = torch.randn(12, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = linear_logprobs(hidden, weight, targets, chunk_size=5)
+    logp.sum().backward()
+    assert logp.dtype == torch.float32
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    ref = reference64(hidden.detach().bfloat16(), weight.detach().bfloat16(), None, targets)[0]
+    torch.testing.assert_close(logp.double(), ref, atol=0.1, rtol=0)
+
+
+def test_gradcheck_float64(monkeypatch):
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "torch")
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, -100, 5, 0, 2])
+
+    def fn(h, w, b):
+        logp, entropy = linear_logprobs(h, w, targets, bias=b, temperature=1.5, return_entropy=True, chunk_size=2)
+        return logp.double(), entropy.double()
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        ((torch.randn(3, 8), torch.randn(10, 7), torch.zeros(3, dtype=torch.long)), {}, ValueError, "weight"),
+        ((torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long)), dict(bias=torch.randn(9)),
+         ValueError, "bias"),
+        ((torch.randn(3, 8), torch.randn(10, 8).double(), torch.zeros(3, dtype=torch.long)), {}, TypeError,
+         "dtype"),
+        ((torch.randn(3, 8), torch.randn(10, 8), torch.tensor([0, 10, 1])), {}, ValueError, "found 10"),
+        ((torch.randn(3, 8), torch.randn(10, 8), torch.zeros(2, dtype=torch.long)), {}, ValueError,
+         "targets shape"),
+        ((torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long)), dict(chunk_size=0), ValueError,
+         "chunk_size"),
+    ],
+)
+def test_bad_input_is_named(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        linear_logprobs(*args, **kwargs)
