@@ -8,7 +8,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 BACKENDS = ["torch", "triton"]  # triton is a dev dependency: its absence must fail, not skip
 
 

@@ -60,7 +60,9 @@ def select_backend(op: str, *tensors: torch.Tensor) -> tuple[str, bool]:
     if requested == "triton":
         err = _triton_import_error()
         if err is not None:
-            raise RuntimeError(f"{op}: {_ENV}=triton but Triton does not import ({err}); install triton or unset {_ENV}")
+            raise RuntimeError(
+                f"{op}: {_ENV}=triton but Triton does not import ({err}); install triton or unset {_ENV}"
+            )
         if not on_cuda and not triton_interpret():
             raise RuntimeError(
                 f"{op}: {_ENV}=triton with CPU tensors needs TRITON_INTERPRET=1 (set before importing triton); "

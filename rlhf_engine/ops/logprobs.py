@@ -88,7 +88,8 @@ def _grad_logits(z, safe_targets, lse, entropy, g, g_ent, inv_temperature, owned
 
 
 def _torch_rows_backward(
-    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, chunk_rows=None, inplace=False
+    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, chunk_rows=None,
+    inplace=False,
 ):
     """Gradient w.r.t. logits [N, V] in the logits' dtype; with ``inplace`` the chunk buffers of ``logits`` may be
     reused (its contents are then lost)."""
@@ -129,7 +130,8 @@ def _triton_rows_forward(logits, targets, inv_temperature, ignore_index, return_
 
 
 def _triton_rows_backward(
-    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, chunk_rows=None, inplace=False
+    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, chunk_rows=None,
+    inplace=False,
 ):
     from rlhf_engine.kernels import logprobs as kernels
 
