@@ -35,7 +35,7 @@ def test_unknown_backend_is_named(monkeypatch):
 
 def test_automatic_triton_failure_falls_back_once(monkeypatch, caplog):
     monkeypatch.delenv("RLHF_ENGINE_BACKEND", raising=False)
-    monkeypatch.setattr(_dispatch, "select_backend", lambda op, *t: ("triton", False))
+    monkeypatch.setattr(_dispatch, "select_backend", lambda op, *t, available: ("triton", False))
     monkeypatch.setattr(_dispatch, "_fallback_logged", set())
 
     def broken(*args):
@@ -43,16 +43,17 @@ def test_automatic_triton_failure_falls_back_once(monkeypatch, caplog):
 
     with caplog.at_level(logging.DEBUG, logger="rlhf_engine.ops"):
         for _ in range(3):
-            backend, out = _dispatch.run("op", (torch.zeros(1),), broken, lambda x: x + 1, torch.zeros(1))
+            impls = {"triton": broken, "torch": lambda x: x + 1}
+            backend, out = _dispatch.run("op", (torch.zeros(1),), impls, torch.zeros(1))
             assert backend == "torch" and out.item() == 1.0
-    assert sum("Triton path failed" in r.message for r in caplog.records) == 1
+    assert sum("triton path failed" in r.message for r in caplog.records) == 1
 
 
 def test_forced_triton_failure_raises(monkeypatch):
-    monkeypatch.setattr(_dispatch, "select_backend", lambda op, *t: ("triton", True))
+    monkeypatch.setattr(_dispatch, "select_backend", lambda op, *t, available: ("triton", True))
 
     def broken(*args):
         raise RuntimeError("kernel failed")
 
     with pytest.raises(RuntimeError, match="kernel failed"):
-        _dispatch.run("op", (torch.zeros(1),), broken, lambda x: x, torch.zeros(1))
+        _dispatch.run("op", (torch.zeros(1),), {"triton": broken, "torch": lambda x: x}, torch.zeros(1))

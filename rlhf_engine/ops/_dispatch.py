@@ -1,10 +1,15 @@
 """The one place that decides, per call, which implementation of an op runs.
 
+Backends: ``triton`` (the kernels in ``rlhf_engine.kernels``), ``native`` (CPU kernels in ``rlhf_engine._C``, for
+the ops that have them) and ``torch`` (the PyTorch path every op has).
+
 - ``RLHF_ENGINE_BACKEND=torch``: the PyTorch path, always.
 - ``RLHF_ENGINE_BACKEND=triton``: the Triton kernels; raises if Triton does not import, or if the tensors are on
   the CPU and ``TRITON_INTERPRET=1`` is not set (that is how the tests run the kernels on CPU tensors).
-- unset / ``auto``: Triton when every tensor is on CUDA and Triton imports, else PyTorch. An automatic Triton
-  call that fails falls back to PyTorch with one debug log per op.
+- ``RLHF_ENGINE_BACKEND=native``: the C++ CPU kernels; raises for an op without one or for non-CPU tensors.
+- unset / ``auto``: Triton when every tensor is on CUDA and Triton imports; native when every tensor is on the
+  CPU and the op has a native kernel; else PyTorch. An automatic choice that fails falls back to PyTorch with
+  one debug log per op.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 
 logger = logging.getLogger("rlhf_engine.ops")
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "native")
 _ENV = "RLHF_ENGINE_BACKEND"
 _fallback_logged: set[str] = set()
 
@@ -37,6 +42,19 @@ def triton_available() -> bool:
     return _triton_import_error() is None
 
 
+@functools.lru_cache(maxsize=1)
+def _native_import_error() -> str | None:
+    try:
+        from rlhf_engine import _C  # noqa: F401
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def native_available() -> bool:
+    return _native_import_error() is None
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -47,16 +65,19 @@ def requested_backend() -> str:
     if value in ("", "auto"):
         return "auto"
     if value not in BACKENDS:
-        raise ValueError(f"{_ENV} must be one of torch, triton, auto; found {value!r}")
+        raise ValueError(f"{_ENV} must be one of torch, triton, native, auto; found {value!r}")
     return value
 
 
-def select_backend(op: str, *tensors: torch.Tensor) -> tuple[str, bool]:
-    """Returns ``(backend, forced)`` for one call of ``op`` on ``tensors``."""
+def select_backend(op: str, *tensors: torch.Tensor, available=("torch", "triton")) -> tuple[str, bool]:
+    """Returns ``(backend, forced)`` for one call of ``op`` on ``tensors``; ``available`` lists the op's backends."""
     requested = requested_backend()
     if requested == "torch":
         return "torch", True
     on_cuda = all(t.is_cuda for t in tensors)
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    if requested != "auto" and requested not in available:
+        raise RuntimeError(f"{op}: {_ENV}={requested} but {op} has no {requested} backend (it has {list(available)})")
     if requested == "triton":
         err = _triton_import_error()
         if err is not None:
@@ -69,21 +90,35 @@ def select_backend(op: str, *tensors: torch.Tensor) -> tuple[str, bool]:
                 f"or move the tensors to CUDA"
             )
         return "triton", True
-    if on_cuda and triton_available():
+    if requested == "native":
+        err = _native_import_error()
+        if err is not None:
+            raise RuntimeError(f"{op}: {_ENV}=native but rlhf_engine._C does not load ({err}); rebuild the package")
+        if not on_cpu:
+            raise RuntimeError(f"{op}: {_ENV}=native runs on CPU tensors only; unset it for CUDA tensors")
+        return "native", True
+    if on_cuda and "triton" in available and triton_available():
         return "triton", False
+    if on_cpu and "native" in available and native_available():
+        return "native", False
     return "torch", False
 
 
-def run(op: str, tensors: tuple[torch.Tensor, ...], triton_fn: Callable, torch_fn: Callable, *args, **kwargs):
-    """Runs ``op`` on the selected backend; returns ``(backend, result)`` so a backward can stay on it."""
-    backend, forced = select_backend(op, *tensors)
-    if backend == "triton":
+def run(op: str, tensors: tuple[torch.Tensor, ...], impls: dict[str, Callable], *args, **kwargs):
+    """Runs ``op`` on the selected backend among ``impls`` (name -> function, "torch" required).
+
+    Returns ``(backend, result)`` so that a backward can stay on the forward's backend.
+    """
+    backend, forced = select_backend(op, *tensors, available=tuple(impls))
+    if backend != "torch":
         try:
-            return "triton", triton_fn(*args, **kwargs)
+            return backend, impls[backend](*args, **kwargs)
         except Exception as err:
             if forced:
                 raise
             if op not in _fallback_logged:
                 _fallback_logged.add(op)
-                logger.debug("%s: Triton path failed (%s: %s); using the PyTorch path", op, type(err).__name__, err)
-    return "torch", torch_fn(*args, **kwargs)
+                logger.debug(
+                    "%s: %s path failed (%s: %s); using the PyTorch path", op, backend, type(err).__name__, err
+                )
+    return "torch", impls["torch"](*args, **kwargs)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from rlhf_engine.ops import _dispatch
 
-# NOTE: the PyTorch path works on row chunks of about this many fp32 elements (32 MiB): large enough for an
+# NOTE: the PyTorch path works on row chunks of about this many fp32 elements (64 MiB): large enough for an
 # efficient matmul, small enough that the transient [chunk, V] buffers stay far below the [N, V] logits.
-DEFAULT_CHUNK_ELEMENTS = 1 << 23
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 def _chunk_rows(n_cols: int, chunk_size: int | None) -> int:
@@ -151,8 +151,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         backend, (logp, lse, entropy) = _dispatch.run(
             op_name,
             (logits, targets),
-            _triton_rows_forward,
-            _torch_rows_forward,
+            _ROWS_FORWARD,
             logits,
             targets,
             inv_temperature,

@@ -1,0 +1,106 @@
+"""Shared benchmark plumbing: one subprocess per measurement, median times, peak memory over the inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(forward, leaves, device: str, repeat: int, grad_out=None) -> dict:
+    """Times ``forward()`` and forward+backward (``out.backward(grad_out)``): medians over ``repeat`` runs.
+
+    Peak memory is that of one forward+backward over what already exists (the inputs): on CUDA the allocator's
+    peak, on CPU the growth of the process's peak RSS (valid because this process does nothing else).
+    """
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def full():
+        for leaf in leaves:
+            leaf.grad = None
+        out = forward()
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(grad_out)
+        sync()
+
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        full()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = rss_bytes()
+        full()
+        peak = peak_rss_bytes() - base
+    fwd_times, full_times = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = forward()
+        sync()
+        fwd_times.append(time.perf_counter() - t0)
+        del out
+        t0 = time.perf_counter()
+        full()
+        full_times.append(time.perf_counter() - t0)
+    fwd_ms = statistics.median(fwd_times) * 1e3
+    full_ms = statistics.median(full_times) * 1e3
+    return {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "forward_ms": round(fwd_ms, 3),
+        "backward_ms": round(full_ms - fwd_ms, 3),
+        "full_ms": round(full_ms, 3),
+        "peak_mib": round(max(peak, 0) / 2**20, 2),
+    }
+
+
+def run_worker(script: str, payload: list) -> dict:
+    """Runs ``script --worker JSON`` in a fresh interpreter and returns the JSON row it prints last."""
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(payload)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {payload} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], key_fields: list[str], value_fields: list[tuple[str, str]]) -> None:
+    """One line a row; ``time x`` and ``mem x`` are relative to the ``naive`` row of the same key."""
+    base = {tuple(r[k] for k in key_fields): r for r in rows if r["provider"] == "naive"}
+    headers = key_fields + ["provider"] + [title for _, title in value_fields] + ["time x", "mem x"]
+    table = []
+    for r in rows:
+        ref = base.get(tuple(r[k] for k in key_fields))
+        t_ratio = r["full_ms"] / ref["full_ms"] if ref else float("nan")
+        m_ratio = r["peak_mib"] / ref["peak_mib"] if ref and ref["peak_mib"] > 0 else float("nan")
+        cells = [str(r[k]) for k in key_fields] + [r["provider"]]
+        cells += [f"{r[field]:.2f}" if isinstance(r[field], float) else str(r[field]) for field, _ in value_fields]
+        table.append(cells + [f"{t_ratio:.2f}", f"{m_ratio:.3f}"])
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in table:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+def write_json(path: str | None, rows: list[dict]) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)

@@ -1,0 +1,95 @@
+// The one place that talks to Python: the op schemas (implementations in cache_ops.cpp, ppo_ops.cpp and
+// cuda/cache_ops_cuda.cpp) and the pybind11 module rlhf_engine._C (BlockPool, has_cuda).
+
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "block_pool.h"
+
+// Writes are marked (Tensor!) so functionalization and torch.compile know which inputs change.
+TORCH_LIBRARY(rlhf_engine, m) {
+  m.def(
+      "write_kv(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping) -> ()");
+  m.def("copy_blocks(Tensor! key_cache, Tensor! value_cache, Tensor block_mapping) -> ()");
+  // PPO objective, CPU twins of the Triton kernels (rlhf_engine.ops.ppo): dual_clip <= 0 means none;
+  // kl_kind 0..3 = k1, abs, k2, k3. Returns (mask * dL/dlogp [R, T], per-row partial sums [R, 7]).
+  m.def(
+      "ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
+      "float ratio_low, float ratio_high, float dual_clip, float kl_coef, int kl_kind) -> (Tensor, Tensor)");
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+}
+
+namespace py = pybind11;
+using rlhf_engine::BlockPool;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlhf_engine native extension: paged KV block pool; cache ops live in torch.ops.rlhf_engine";
+
+  m.def(
+      "has_cuda",
+      [] {
+#ifdef RLHF_ENGINE_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether the CUDA kernels of the cache ops were compiled into this build.");
+
+  py::register_exception<rlhf_engine::OutOfBlocksError>(m, "OutOfBlocksError", PyExc_RuntimeError);
+
+  py::class_<BlockPool>(m, "BlockPool", R"doc(
+Paged KV-cache block pool: fixed-size blocks of `block_size` token slots, an O(1) free list, a refcount per
+block, and a block table plus a token count per sequence id (int64).
+
+A token at position t of a sequence lives in slot block_table[t // block_size] * block_size + t % block_size
+of a cache shaped [num_blocks, block_size, kv_heads, head_dim] (viewed as [num_blocks * block_size, ...]).
+Bad arguments raise ValueError; running out of blocks raises OutOfBlocksError (a RuntimeError). A call that
+raises leaves the pool unchanged.)doc")
+      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"),
+           "Pool of num_blocks blocks of block_size token slots each; both must be > 0.")
+      .def("allocate", &BlockPool::allocate, py::arg("seq_id"), py::arg("num_tokens"),
+           "Registers a new sequence holding num_tokens tokens with ceil(num_tokens / block_size) fresh blocks; "
+           "returns its block table (list of block ids). ValueError if seq_id exists.")
+      .def(
+          "append_slot",
+          [](BlockPool& p, int64_t seq_id) {
+            const auto r = p.append_slot(seq_id);
+            return std::make_tuple(r.slot, r.cow_src, r.cow_dst);
+          },
+          py::arg("seq_id"),
+          "Reserves room for one more token; returns (slot, cow_src, cow_dst). A new block is taken when the last "
+          "one is full; when the last block is shared (refcount > 1) it is copied first: this sequence gets a fresh "
+          "block and the caller must copy block cow_src into cow_dst (copy_blocks) before writing the slot. "
+          "(cow_src, cow_dst) = (-1, -1) when there is nothing to copy.")
+      .def("fork", &BlockPool::fork, py::arg("parent_id"), py::arg("child_id"),
+           "New sequence child_id sharing every block of parent_id (refcount + 1 each), same token count.")
+      .def("free", &BlockPool::free, py::arg("seq_id"),
+           "Drops seq_id; blocks whose refcount reaches 0 return to the free list. ValueError on an unknown id "
+           "(double free).")
+      .def("can_allocate", &BlockPool::can_allocate, py::arg("num_tokens"),
+           "Whether allocate(_, num_tokens) would find enough free blocks.")
+      .def("blocks_needed", &BlockPool::blocks_needed, py::arg("num_tokens"),
+           "ceil(num_tokens / block_size): blocks that hold num_tokens tokens.")
+      .def("num_free_blocks", &BlockPool::num_free_blocks, "Blocks with refcount 0.")
+      .def("num_blocks", &BlockPool::num_blocks, "Total blocks in the pool.")
+      .def("block_size", &BlockPool::block_size, "Token slots per block.")
+      .def("num_sequences", &BlockPool::num_sequences, "Live sequences.")
+      .def("has_sequence", &BlockPool::has_sequence, py::arg("seq_id"), "Whether seq_id is live.")
+      .def("block_table", &BlockPool::block_table, py::arg("seq_id"),
+           "Block ids of seq_id in token order (a copy, as a list).")
+      .def("num_tokens", &BlockPool::num_tokens, py::arg("seq_id"), "Tokens held by seq_id.")
+      .def("refcount", &BlockPool::refcount, py::arg("block_id"), "Sequences referencing block_id.")
+      .def("slot_mapping", &BlockPool::slot_mapping, py::arg("seq_id"), py::arg("start"), py::arg("end"),
+           "Slots of token positions [start, end) of seq_id, as a list; 0 <= start <= end <= num_tokens(seq_id).")
+      .def("check_invariants", &BlockPool::check_invariants,
+           "Raises RuntimeError naming the first broken invariant: refcounts equal block-table references, a "
+           "block is free iff its refcount is 0, each sequence holds exactly the blocks its tokens need.")
+      .def("__repr__", [](const BlockPool& p) {
+        return "BlockPool(num_blocks=" + std::to_string(p.num_blocks()) +
+               ", block_size=" + std::to_string(p.block_size()) +
+               ", free=" + std::to_string(p.num_free_blocks()) +
+               ", sequences=" + std::to_string(p.num_sequences()) + ")";
+      });
+}

@@ -1,0 +1,299 @@
+// CPU kernels of the PPO objective (schemas in bindings.cpp): the fused clipped policy loss + KL term, and the
+// GAE scan. The CUDA path of these ops is Triton (kernels/ppo_loss.py, kernels/gae.py); these are the native
+// CPU twins, one pass over the data with no temporaries, parallel over rows.
+//
+// Layouts: every per-token tensor is [R, T], contiguous; logp/old_logp/advantages/ref_logp/rewards/values are
+// float32 (the Python wrapper converts), mask is float32 or bool. Math as in kernels/ppo_loss.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+namespace rlhf_engine {
+namespace {
+
+constexpr int64_t kNumPartials = 7;  // S, M, clipped, approx_kl, ratio_sum, ratio_max, kl_sum
+enum KlKind : int { kNoRef = -1, kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+
+// NOTE: explicit SIMD through GCC/Clang vector extensions (4 floats = one SSE2 register, the x86-64 baseline):
+// with the default -ftrapping-math the compiler will not if-convert the many selects of this loop, so an
+// auto-vectorised version never materialises; written this way the loop body is branch-free by construction.
+constexpr int64_t W = 4;
+typedef float vf __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(16)));
+
+inline vf splat(float x) { return vf{x, x, x, x}; }
+inline vf select(vi cond, vf a, vf b) { return cond ? a : b; }
+inline vf vclamp(vf x, float lo, float hi) {
+  x = x < lo ? splat(lo) : x;
+  return x > hi ? splat(hi) : x;
+}
+
+// exp(x) for x in [-20, 20] (every caller clamps first): Cody-Waite range reduction and the Cephes polynomial,
+// about 1 ulp.
+inline vf vexp(vf x) {
+  // n = round(x / ln 2); x / ln 2 lies in [-29, 29], so truncating after +64 is a floor
+  const vi ni = __builtin_convertvector(x * 1.44269504088896341f + 64.5f, vi) - 64;
+  const vf n = __builtin_convertvector(ni, vf);
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf y = p * r * r + r + 1.0f;
+  const vi bits = (ni + 127) << 23;  // 2^n
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// Loads n <= W elements as floats, zero beyond n.
+template <typename T>
+inline vf load(const T* src, int64_t n) {
+  vf v = splat(0.f);
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == W) {
+      std::memcpy(&v, src, sizeof(v));
+      return v;
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) v[k] = static_cast<float>(src[k]);
+  return v;
+}
+
+inline void store(float* dst, vf v, int64_t n) {
+  if (n == W) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k] = v[k];
+  }
+}
+
+inline float hsum(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+inline float hmax(vf v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
+
+// KL estimate and its derivative w.r.t. logp (ARCHITECTURE.md); KIND is a compile-time constant.
+template <int KIND>
+inline void kl_and_grad(vf logp, vf ref, vf& kl, vf& dkl) {
+  const vf diff = logp - ref;
+  if constexpr (KIND == kK1) {
+    kl = diff;
+    dkl = splat(1.f);
+  } else if constexpr (KIND == kAbs) {
+    kl = diff < 0.f ? -diff : diff;
+    dkl = diff > 0.f ? splat(1.f) : (diff < 0.f ? splat(-1.f) : splat(0.f));
+  } else if constexpr (KIND == kK2) {
+    kl = 0.5f * diff * diff;
+    dkl = diff;
+  } else {  // k3: exp(d) - d - 1, d = ref - logp clamped to [-20, 20], the result clamped to [-10, 10]
+    const vf d_raw = -diff;
+    const vf d = vclamp(d_raw, -20.f, 20.f);
+    const vf e = vexp(d);
+    const vf raw = e - d - 1.f;
+    kl = vclamp(raw, -10.f, 10.f);
+    const vi live = (d_raw >= -20.f) & (d_raw <= 20.f) & (raw >= -10.f) & (raw <= 10.f);
+    dkl = select(live, 1.f - e, splat(0.f));
+  }
+}
+
+struct PolicyParams {
+  float ratio_low, ratio_high, dual_clip, kl_coef;
+};
+
+template <typename mask_t, int KIND, bool DUAL>
+void policy_rows(const float* logp,      // [R, T]
+                 const float* old_logp,  // [R, T]
+                 const float* adv,       // [R, T]
+                 const mask_t* mask,     // [R, T]
+                 const float* ref,       // [R, T] or nullptr (KIND == kNoRef)
+                 float* dloss,           // [R, T] out: mask * dL/dlogp
+                 float* partials,        // [R, kNumPartials] out
+                 int64_t T, int64_t row_begin, int64_t row_end, const PolicyParams& p) {
+  const vf zero = splat(0.f), neg_inf = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    vf sum_loss = zero, sum_mask = zero, sum_clip = zero, sum_akl = zero, sum_ratio = zero, sum_kl = zero;
+    vf ratio_max = neg_inf;
+    for (int64_t t = 0; t < T; t += W) {
+      const int64_t i = r * T + t, n = std::min(W, T - t);  // the row's tail is zero-padded: mask 0
+      const vf m = load(mask + i, n);
+      const vi live = m != 0.f;  // padding may hold anything: it contributes exactly 0
+      const vf lp = select(live, load(logp + i, n), zero);
+      const vf old = select(live, load(old_logp + i, n), zero);
+      const vf a = select(live, load(adv + i, n), zero);
+      const vf diff = lp - old;
+      const vf ratio = vexp(vclamp(diff, -20.f, 20.f));
+      const vf pg1 = -a * ratio;
+      const vf pg2 = -a * vclamp(ratio, p.ratio_low, p.ratio_high);
+      const vi clipped = pg2 > pg1;
+      vf loss = select(clipped, pg2, pg1);
+      vf dl = select(clipped, zero, pg1);  // d(-A ratio)/dlogp = -A ratio
+      if constexpr (DUAL) {
+        const vf pg3 = -a * p.dual_clip;
+        const vi capped = (a < 0.f) & (pg3 < loss);
+        loss = select(capped, pg3, loss);
+        dl = select(capped, zero, dl);
+      }
+      dl = select((diff >= -20.f) & (diff <= 20.f), dl, zero);
+      if constexpr (KIND != kNoRef) {
+        vf kl, dkl;
+        kl_and_grad<KIND>(lp, select(live, load(ref + i, n), zero), kl, dkl);
+        loss += p.kl_coef * kl;
+        dl += p.kl_coef * dkl;
+        sum_kl += select(live, kl * m, zero);
+      }
+      store(dloss + i, select(live, dl * m, zero), n);
+      sum_loss += select(live, loss * m, zero);
+      sum_mask += m;
+      sum_clip += select(live & clipped, m, zero);
+      sum_akl += select(live, (old - lp) * m, zero);
+      sum_ratio += select(live, ratio * m, zero);
+      const vf live_ratio = select(live, ratio, neg_inf);
+      ratio_max = select(live_ratio > ratio_max, live_ratio, ratio_max);
+    }
+    float* out = partials + r * kNumPartials;
+    out[0] = hsum(sum_loss);
+    out[1] = hsum(sum_mask);
+    out[2] = hsum(sum_clip);
+    out[3] = hsum(sum_akl);
+    out[4] = hsum(sum_ratio);
+    out[5] = hmax(ratio_max);
+    out[6] = hsum(sum_kl);
+  }
+}
+
+// Picks the instantiation for the runtime (mask dtype, kl kind, dual clip) once per call.
+template <typename mask_t>
+void policy_rows_dispatch(int kind, bool dual, const float* logp, const float* old, const float* adv,
+                          const mask_t* mask, const float* ref, float* dloss, float* partials, int64_t T,
+                          int64_t begin, int64_t end, const PolicyParams& p) {
+#define RLHF_POLICY_CASE(K)                                                                             \
+  case K:                                                                                               \
+    if (dual) {                                                                                         \
+      policy_rows<mask_t, K, true>(logp, old, adv, mask, ref, dloss, partials, T, begin, end, p);       \
+    } else {                                                                                            \
+      policy_rows<mask_t, K, false>(logp, old, adv, mask, ref, dloss, partials, T, begin, end, p);      \
+    }                                                                                                   \
+    return;
+  switch (kind) {
+    RLHF_POLICY_CASE(kNoRef)
+    RLHF_POLICY_CASE(kK1)
+    RLHF_POLICY_CASE(kAbs)
+    RLHF_POLICY_CASE(kK2)
+    RLHF_POLICY_CASE(kK3)
+    default:
+      TORCH_CHECK(false, "ppo_policy_loss_fwd: unknown kl kind ", kind);
+  }
+#undef RLHF_POLICY_CASE
+}
+
+void check_rows(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& like, bool float_only) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be on the CPU, found ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.sizes() == like.sizes(), op, ": ", arg, " must be [R, T] = ", like.sizes(),
+              ", found ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous");
+  if (float_only) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", arg, " must be float32, found ", t.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBool, op, ": ", arg,
+                " must be float32 or bool, found ", t.scalar_type());
+  }
+}
+
+int64_t grain_rows(int64_t T) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(T, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(const at::Tensor& logp, const at::Tensor& old_logp,
+                                                          const at::Tensor& advantages, const at::Tensor& mask,
+                                                          const std::optional<at::Tensor>& ref_logp,
+                                                          double ratio_low, double ratio_high, double dual_clip,
+                                                          double kl_coef, int64_t kl_kind) {
+  constexpr const char* op = "ppo_policy_loss_fwd";
+  TORCH_CHECK(logp.dim() == 2, op, ": logp must be [R, T], found ", logp.sizes());
+  check_rows(op, "logp", logp, logp, true);
+  check_rows(op, "old_logp", old_logp, logp, true);
+  check_rows(op, "advantages", advantages, logp, true);
+  check_rows(op, "mask", mask, logp, false);
+  if (ref_logp.has_value()) check_rows(op, "ref_logp", *ref_logp, logp, true);
+  TORCH_CHECK(kl_kind >= 0 && kl_kind <= 3, op, ": kl_kind must be 0..3 (k1, abs, k2, k3), found ", kl_kind);
+  TORCH_CHECK(ratio_low < ratio_high, op, ": ratio_low ", ratio_low, " must be below ratio_high ", ratio_high);
+
+  const int64_t R = logp.size(0), T = logp.size(1);
+  auto dloss = at::empty({R, T}, logp.options());
+  auto partials = at::empty({R, kNumPartials}, logp.options());
+  const PolicyParams p{static_cast<float>(ratio_low), static_cast<float>(ratio_high), static_cast<float>(dual_clip),
+                       static_cast<float>(kl_coef)};
+  const int kind = ref_logp.has_value() ? static_cast<int>(kl_kind) : kNoRef;
+  const bool dual = dual_clip > 0.0;
+  const float* ref = ref_logp.has_value() ? ref_logp->data_ptr<float>() : nullptr;
+  const float *lp = logp.data_ptr<float>(), *old = old_logp.data_ptr<float>(), *adv = advantages.data_ptr<float>();
+  float *dl = dloss.data_ptr<float>(), *part = partials.data_ptr<float>();
+  at::parallel_for(0, R, grain_rows(T), [&](int64_t begin, int64_t end) {
+    if (mask.scalar_type() == at::kBool) {
+      policy_rows_dispatch(kind, dual, lp, old, adv, mask.data_ptr<bool>(), ref, dl, part, T, begin, end, p);
+    } else {
+      policy_rows_dispatch(kind, dual, lp, old, adv, mask.data_ptr<float>(), ref, dl, part, T, begin, end, p);
+    }
+  });
+  return {dloss, partials};
+}
+
+template <typename mask_t>
+void gae_rows(const float* rewards, const float* values, const mask_t* mask, float* advantages, float* returns,
+              int64_t T, int64_t row_begin, int64_t row_end, float gamma, float lam) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    float next_value = 0.f, last_gae = 0.f;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t i = r * T + t;
+      if (static_cast<float>(mask[i]) == 0.f) {  // skipped: neither contributes nor breaks the recursion
+        advantages[i] = 0.f;
+        returns[i] = 0.f;
+        continue;
+      }
+      const float delta = rewards[i] + gamma * next_value - values[i];
+      last_gae = delta + gamma * lam * last_gae;
+      advantages[i] = last_gae;
+      returns[i] = last_gae + values[i];
+      next_value = values[i];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const at::Tensor& mask, double gamma, double lam) {
+  constexpr const char* op = "gae";
+  TORCH_CHECK(rewards.dim() == 2, op, ": rewards must be [R, T], found ", rewards.sizes());
+  check_rows(op, "rewards", rewards, rewards, true);
+  check_rows(op, "values", values, rewards, true);
+  check_rows(op, "mask", mask, rewards, false);
+  const int64_t R = rewards.size(0), T = rewards.size(1);
+  auto advantages = at::empty({R, T}, rewards.options());
+  auto returns = at::empty({R, T}, rewards.options());
+  const float g = static_cast<float>(gamma), l = static_cast<float>(lam);
+  at::parallel_for(0, R, grain_rows(T), [&](int64_t begin, int64_t end) {
+    if (mask.scalar_type() == at::kBool) {
+      gae_rows(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr<bool>(),
+               advantages.data_ptr<float>(), returns.data_ptr<float>(), T, begin, end, g, l);
+    } else {
+      gae_rows(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr<float>(),
+               advantages.data_ptr<float>(), returns.data_ptr<float>(), T, begin, end, g, l);
+    }
+  });
+  return {advantages, returns};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_engine, CPU, m) {
+  m.impl("ppo_policy_loss_fwd", &ppo_policy_loss_fwd_cpu);
+  m.impl("gae", &gae_cpu);
+}
+
+}  // namespace rlhf_engine
