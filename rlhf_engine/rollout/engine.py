@@ -1,0 +1,319 @@
+"""The rollout engine: batched sampling on the paged KV cache, n samples per prompt sharing one prefill.
+
+    engine = RolloutEngine(model)                      # the training model itself: no copy, no weight sync
+    outputs = engine.generate(prompt_token_ids, SamplingParams(n=8, temperature=1.0, max_new_tokens=64))
+    outputs[0].samples[3].token_ids, outputs[0].samples[3].logprobs, outputs[0].samples[3].finish_reason
+
+Each prompt is prefilled once (leading blocks already cached under the same tokens are reused) and forked into
+its n samples, which share the prompt's blocks (copy-on-write on the shared last block). All live sequences
+decode together, one forward per step; a finished sequence frees its blocks at once and waiting prompts are
+admitted (continuous batching) within ``max_num_seqs`` and the block budget. Admission reserves each sequence's
+worst case, so a running sequence never runs out of blocks.
+
+The model's weights change after every optimizer step, and KV cached under old weights must never be reused:
+the engine watches the parameters' version counters (bumped by every in-place update, optimizer steps
+included) and drops its prefix cache when they change; ``reset_prefix_cache()`` does it by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_engine import kv_cache
+from rlhf_engine.rollout.families import family_for
+from rlhf_engine.rollout.sampling import SamplingParams, sample
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]  # generated tokens only; the stop token included when one ended the sample
+    logprobs: list[float]  # log-prob of each generated token under the distribution it was sampled from
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class RolloutOutput:
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    prompt_index: int
+    length: int  # tokens whose KV is in the cache (or reserved)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+def _paged_attention_torch(query, key_cache, value_cache, block_tables, context_lens, scale):
+    """Reference decode attention: gathers each sequence's blocks densely, then SDPA with a length mask.
+
+    query [N, H, D]; caches [num_blocks, block_size, KV, D]; block_tables [N, max_blocks]; context_lens [N].
+    """
+    n, max_blocks = block_tables.shape
+    block_size = key_cache.shape[1]
+    keys = key_cache[block_tables].flatten(1, 2).transpose(1, 2)  # (N, KV, max_blocks * block_size, D)
+    values = value_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(max_blocks * block_size, device=query.device)
+    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # (N, 1, 1, T)
+    gqa = keys.shape[1] != query.shape[1]
+    out = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out[:, :, 0, :]
+
+
+def _decode_attention():
+    native = getattr(kv_cache, "paged_attention", None)
+    return native if native is not None else _paged_attention_torch
+
+
+class RolloutEngine:
+    """Generation on the paged KV cache over a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2)."""
+
+    def __init__(self, model, *, block_size: int = 16, max_num_seqs: int = 256, max_num_blocks: int | None = None):
+        """``max_num_blocks=None`` sizes the KV pool per call from the prompts, n and max_new_tokens."""
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"RolloutEngine: block_size must be a positive int, found {block_size!r}")
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"RolloutEngine: max_num_seqs must be a positive int, found {max_num_seqs!r}")
+        if max_num_blocks is not None and (not isinstance(max_num_blocks, int) or max_num_blocks < 1):
+            raise ValueError(
+                f"RolloutEngine: max_num_blocks must be a positive int or None, found {max_num_blocks!r}"
+            )
+        self.model = model
+        self.family = family_for(model)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_blocks = max_num_blocks
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.pool = None
+        self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._weights_version = None
+        self._next_seq_id = 0
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # cache management
+    # ------------------------------------------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix block (call after the weights change; done automatically on generate)."""
+        if self.pool is not None and hasattr(self.pool, "reset_prefix_cache"):
+            self.pool.reset_prefix_cache()
+
+    def _current_weights_version(self):
+        # NOTE: in-place updates (optimizer steps, load_state_dict, copy_) bump a tensor's version counter;
+        # a replaced parameter changes its storage.
+        return tuple((p._version, p.data_ptr()) for p in self.model.parameters())
+
+    def _ensure_pool(self, num_blocks: int) -> None:
+        if self.pool is not None and self.pool.num_blocks() >= num_blocks:
+            return
+        fam = self.family
+        shape = (num_blocks, self.block_size, fam.num_kv_heads, fam.head_dim)  # per layer, K and V
+        options = dict(dtype=self.dtype, device=self.device)
+        # NOTE: zeros, not empty: a gathered block's unused tail is masked out, but 0 * NaN would still be NaN
+        self.caches = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in fam.layers]
+        self.pool = kv_cache.BlockPool(num_blocks, self.block_size)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward passes
+    # ------------------------------------------------------------------------------------------------------------
+    def _prefill(self, seq_id: int, prompt: list[int], num_cached: int) -> torch.Tensor:
+        """Computes KV for prompt[num_cached:] (attending to the cached prefix) and returns the last logits [V]."""
+        fam = self.family
+        length = len(prompt)
+        ids = torch.tensor(prompt[num_cached:], dtype=torch.long, device=self.device)
+        positions = torch.arange(num_cached, length, device=self.device)
+        slots = self.pool.slot_mapping(seq_id, num_cached, length)
+        slots = torch.tensor(slots, dtype=torch.long, device=self.device)
+        table = torch.tensor(self.pool.block_table(seq_id), dtype=torch.long, device=self.device)
+        hidden, rope = fam.embed(ids, positions)
+        if num_cached:
+            key_pos = torch.arange(length, device=self.device)
+            mask = key_pos[None, :] <= positions[:, None]  # (new, all): causal, offset by the cached prefix
+        for index, (key_cache, value_cache) in enumerate(self.caches):
+            q, k, v = fam.attention_inputs(index, hidden, rope)  # (T, H, D), (T, KV, D), (T, KV, D)
+            kv_cache.write_kv(k, v, key_cache, value_cache, slots)
+            if num_cached:
+                k = key_cache[table].flatten(0, 1)[:length]  # (L, KV, D): the cached prefix and the new tokens
+                v = value_cache[table].flatten(0, 1)[:length]
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=mask if num_cached else None, is_causal=not num_cached, scale=fam.scale,
+                enable_gqa=fam.num_kv_heads != fam.num_heads,
+            )  # (1, H, T, D)
+            hidden = fam.attention_output(index, hidden, out[0].transpose(0, 1).flatten(1))
+        return fam.logits(hidden[-1:])[0]
+
+    def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """One token per live sequence: reserves its slot (copy-on-write as needed), returns logits [N, V]."""
+        fam = self.family
+        slots, cow = [], []
+        for s in seqs:
+            slot, src, dst = self.pool.append_slot(s.seq_id)
+            slots.append(slot)
+            if src >= 0:
+                cow.append((src, dst))
+        if cow:
+            for key_cache, value_cache in self.caches:
+                kv_cache.copy_blocks(key_cache, value_cache, cow)
+        tables = [self.pool.block_table(s.seq_id) for s in seqs]
+        width = max(len(t) for t in tables)
+        block_tables = [t + [0] * (width - len(t)) for t in tables]
+        block_tables = torch.tensor(block_tables, dtype=torch.long, device=self.device)
+        context_lens = torch.tensor([s.length + 1 for s in seqs], dtype=torch.long, device=self.device)
+        ids = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long, device=self.device)
+        positions = context_lens - 1
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        attend = _decode_attention()
+        hidden, rope = fam.embed(ids, positions)
+        for index, (key_cache, value_cache) in enumerate(self.caches):
+            q, k, v = fam.attention_inputs(index, hidden, rope)
+            kv_cache.write_kv(k, v, key_cache, value_cache, slot_t)
+            out = attend(q.contiguous(), key_cache, value_cache, block_tables, context_lens, fam.scale)  # (N, H, D)
+            hidden = fam.attention_output(index, hidden, out.flatten(1))
+        for s in seqs:
+            s.length += 1
+        return fam.logits(hidden)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # generate
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_prompts(self, prompts, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"generate: params must be a SamplingParams, found {type(params).__name__}")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+        vocab, max_pos = self.family.vocab_size, self.family.max_positions
+        window = self.family.sliding_window
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, (list, tuple)) or not prompt:
+                raise ValueError(f"generate: prompts[{i}] must be a non-empty list of token ids")
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+                bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
+                raise ValueError(f"generate: prompts[{i}] holds token id {bad!r} outside [0, {vocab})")
+            total = len(prompt) + params.max_new_tokens
+            if max_pos is not None and total > max_pos:
+                raise ValueError(
+                    f"generate: prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                    f"exceeds the model's max_position_embeddings {max_pos}"
+                )
+            if window is not None and total > window:
+                raise ValueError(f"generate: prompts[{i}] would exceed the sliding window {window}, unsupported")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:
+        self._check_prompts(prompts, params)
+        start = time.perf_counter()
+        prompts = [list(p) for p in prompts]
+        per_seq = [self._blocks_for(len(p) + params.max_new_tokens) + 1 for p in prompts]  # +1: copy-on-write
+        if self.max_num_blocks is not None:
+            num_blocks = self.max_num_blocks
+        else:
+            demand = sorted((b for b, p in zip(per_seq, prompts, strict=True) for _ in range(params.n)), reverse=True)
+            num_blocks = sum(demand[: self.max_num_seqs])
+        if max(per_seq) * params.n > num_blocks or params.n > self.max_num_seqs:
+            raise ValueError(
+                f"generate: one prompt with its {params.n} samples needs up to {max(per_seq) * params.n} KV blocks "
+                f"and {params.n} sequence slots; the engine has {num_blocks} blocks (max_num_blocks) and "
+                f"{self.max_num_seqs} slots (max_num_seqs): raise them or lower n / max_new_tokens"
+            )
+        self._ensure_pool(num_blocks)
+        version = self._current_weights_version()
+        if version != self._weights_version:
+            self.reset_prefix_cache()
+            self._weights_version = version
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        was_training = self.model.training
+        self.model.eval()
+        stats = {"prefill_tokens": 0, "reused_prefix_tokens": 0, "decode_tokens": 0, "forward_calls": 0}
+        results = [RolloutOutput(p, [None] * params.n) for p in prompts]
+        waiting = list(range(len(prompts)))
+        live: list[_Sequence] = []
+        sample_index: dict[int, int] = {}
+        try:
+            while waiting or live:
+                # admission, a whole prompt group at a time: every sequence's worst case (its own blocks, shared
+                # ones counted again) must fit in the pool beside the live ones, so no decode step runs dry
+                reserved = sum(per_seq[s.prompt_index] for s in live)
+                while waiting:
+                    index = waiting[0]
+                    group_need = per_seq[index] * params.n
+                    if len(live) + params.n > self.max_num_seqs or reserved + group_need > self.pool.num_blocks():
+                        break
+                    waiting.pop(0)
+                    reserved += group_need
+                    live.extend(self._start_group(index, prompts[index], params, generator, stats, sample_index))
+                    stats["forward_calls"] += 1
+                    live = self._retire(live, params, results, sample_index)
+                if not live:
+                    continue
+                logits = self._decode(live)
+                stats["forward_calls"] += 1
+                stats["decode_tokens"] += len(live)
+                tokens, logprobs = sample(logits, params, generator)
+                for s, t, lp in zip(live, tokens.tolist(), logprobs.tolist(), strict=True):
+                    s.tokens.append(t)
+                    s.logprobs.append(lp)
+                live = self._retire(live, params, results, sample_index)
+        finally:
+            for s in live:
+                self.pool.free(s.seq_id)
+            self.model.train(was_training)
+        stats["seconds"] = time.perf_counter() - start
+        self.stats = stats
+        return results
+
+    def _start_group(self, index, prompt, params, generator, stats, sample_index) -> list[_Sequence]:
+        parent = self._new_seq_id()
+        allocate_prompt = getattr(self.pool, "allocate_prompt", None)
+        if allocate_prompt is not None:
+            num_cached = allocate_prompt(parent, prompt)
+        else:
+            self.pool.allocate(parent, len(prompt))
+            num_cached = 0
+        stats["reused_prefix_tokens"] += num_cached
+        stats["prefill_tokens"] += len(prompt) - num_cached
+        logits = self._prefill(parent, prompt, num_cached)
+        seqs = [_Sequence(parent, index, len(prompt))]
+        for _ in range(params.n - 1):
+            child = self._new_seq_id()
+            self.pool.fork(parent, child)
+            seqs.append(_Sequence(child, index, len(prompt)))
+        tokens, logprobs = sample(logits[None].expand(params.n, -1), params, generator)
+        for k, (s, t, lp) in enumerate(zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True)):
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            sample_index[s.seq_id] = k
+        return seqs
+
+    def _retire(self, live, params, results, sample_index) -> list[_Sequence]:
+        """Frees finished sequences and files their samples; returns the ones still running."""
+        still = []
+        stop = set(params.stop_token_ids)
+        for s in live:
+            reason = None
+            if s.tokens[-1] in stop:
+                reason = "stop"
+            elif len(s.tokens) >= params.max_new_tokens:
+                reason = "length"
+            if reason is None:
+                still.append(s)
+                continue
+            self.pool.free(s.seq_id)
+            results[s.prompt_index].samples[sample_index.pop(s.seq_id)] = Sample(s.tokens, s.logprobs, reason)
+        return still
+
+    def _new_seq_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id
