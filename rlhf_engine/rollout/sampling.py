@@ -68,9 +68,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         tokens = logits.argmax(-1)
         return tokens, token_logprobs(logits, tokens)
-    tempered = logits / params.temperature
+    tempered = logits / params.temperature if params.temperature != 1.0 else logits
     truncated = _truncate(tempered, params.top_k, params.top_p)
-    probs = torch.softmax(truncated, dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    source = truncated if params.logprobs_after_truncation else tempered
-    return tokens, token_logprobs(source, tokens)
+    log_probs = torch.log_softmax(truncated, dim=-1)
+    tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+    if truncated is tempered or params.logprobs_after_truncation:
+        # NOTE: the distribution sampled from is the one reported: reuse its log-softmax
+        return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, token_logprobs(tempered, tokens)

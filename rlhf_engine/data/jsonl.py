@@ -1,0 +1,126 @@
+"""JSONL readers with validation: every error names the file, the line number and the field.
+
+Formats (one JSON object a line, ARCHITECTURE.md):
+    sft          {"prompt": str, "response": str}  or  {"messages": [{"role": str, "content": str}, ...]}
+    preferences  {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}
+    prompts      {"prompt": str}
+Blank lines are skipped; unknown fields are allowed (datasets carry ids and metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+FORMATS = ("sft", "preferences", "prompts")
+
+
+class DataError(ValueError):
+    """A malformed record: the message starts with ``file:line``."""
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    prompt: str
+    response: str
+    messages: tuple = ()  # the chat form, when the line used "messages"
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+
+
+def _string(where: str, obj: dict, key: str, *, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r} (expected a string)")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, found {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _sft(where: str, obj: dict) -> SFTRecord:
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            role = _string(f"{where}: messages[{i}]", m, "role")
+            _string(f"{where}: messages[{i}]", m, "content", allow_empty=True)
+            if role not in ("system", "user", "assistant", "tool"):
+                raise DataError(f"{where}: messages[{i}].role must be system, user, assistant or tool, found {role!r}")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's (the response to learn)")
+        return SFTRecord(prompt="", response=messages[-1]["content"], messages=tuple(messages))
+    return SFTRecord(_string(where, obj, "prompt"), _string(where, obj, "response"))
+
+
+def _preference(where: str, obj: dict) -> PreferenceRecord:
+    margin = obj.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise DataError(f"{where}: field 'margin' must be a finite number, found {margin!r}")
+    record = PreferenceRecord(
+        _string(where, obj, "prompt"), _string(where, obj, "chosen"), _string(where, obj, "rejected"), float(margin)
+    )
+    if record.chosen == record.rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical: the pair carries no preference")
+    return record
+
+
+def _prompt(where: str, obj: dict) -> PromptRecord:
+    return PromptRecord(_string(where, obj, "prompt"))
+
+
+_PARSERS = {"sft": _sft, "preferences": _preference, "prompts": _prompt}
+
+
+def read_jsonl(path: str, kind: str) -> list:
+    """Reads and validates every line of ``path`` as a ``kind`` record (sft, preferences or prompts)."""
+    if kind not in _PARSERS:
+        raise ValueError(f"read_jsonl: kind must be one of {list(FORMATS)}, found {kind!r}")
+    parse = _PARSERS[kind]
+    records = []
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (expected a JSONL file of {kind} records)") from None
+    with f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+            records.append(parse(where, obj))
+    if not records:
+        raise DataError(f"{path}: no records (an empty file)")
+    return records
+
+
+def write_jsonl(path: str, records) -> None:
+    """Writes dataclass records (or dicts) one JSON object a line."""
+    import dataclasses
+
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            obj = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+            obj = {k: v for k, v in obj.items() if v not in ((), None)}
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
