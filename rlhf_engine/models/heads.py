@@ -61,7 +61,8 @@ class ScalarHeadModel(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         self.lm.save_pretrained(path)
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, os.path.join(path, HEAD_FILE))
+        tensors = {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(tensors, os.path.join(path, HEAD_FILE))
         with open(os.path.join(path, HEAD_CONFIG), "w") as f:
             json.dump({"in_features": self.head.in_features, "kind": "scalar_head"}, f)
 
