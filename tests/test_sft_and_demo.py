@@ -58,15 +58,22 @@ def test_sft_config_rejects_bad_values():
         SFTConfig(lr=0.0)
 
 
-def test_demo_runs_and_learns(tmp_path):
+def test_demo_runs_every_phase(tmp_path):
     out = str(tmp_path / "demo")
-    summary = run_demo(out, sft_steps=40, progress=False)
-    assert summary["sft_loss_final"] < summary["sft_loss_initial"] - 1.0
-    for name in ("summary.json", "curves.png", "sft_metrics.jsonl", "sft/config.json", "tokenizer/tokenizer.json"):
+    summary = run_demo(out, sft_steps=40, rm_steps=5, ppo_iterations=2, preference_prompts=48, progress=False)
+    assert summary["sft_loss_final"] < 3.0  # from about 5.5 at initialisation, after 40 steps
+    names = ["summary.json", "curves.png", "preferences.jsonl", "sft/config.json", "tokenizer/tokenizer.json",
+             "reward_model/scalar_head.safetensors", "ppo/config.json"]
+    names += [f"{phase}_metrics.jsonl" for phase in ("sft", "reward_model", "ppo")]
+    for name in names:
         assert os.path.exists(os.path.join(out, name)), name
     with open(os.path.join(out, "summary.json")) as f:
-        assert json.load(f)["sft_steps"] == 40
-    reloaded = load_causal_lm(os.path.join(out, "sft"))
+        saved = json.load(f)
+    for key in ("sft_loss_final", "rm_accuracy", "gold_before", "gold_after", "proxy_before", "proxy_after",
+                "kl_final"):
+        assert isinstance(saved[key], float), key
+    assert set(saved["seconds"]) >= {"sft", "reward_model", "ppo"}
+    reloaded = load_causal_lm(os.path.join(out, "ppo"))
     assert reloaded.config.vocab_size == len(load_tokenizer(os.path.join(out, "tokenizer")))
 
 

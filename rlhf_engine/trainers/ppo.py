@@ -121,6 +121,7 @@ class PPOTrainer:
         self.kl_reward_coef = config.kl_reward_coef
         self.rng = random.Random(config.seed)
         self.iteration = 0
+        self.last_rollout: dict = {}  # prompts, responses and scores of the latest iteration
 
     # ------------------------------------------------------------------------------------------------------------
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -264,6 +265,7 @@ class PPOTrainer:
     def step(self, prompts: list[str]) -> dict:
         t0 = time.perf_counter()
         result = self.rollout(prompts)
+        self.last_rollout = {k: result[k] for k in ("prompts", "responses", "scores")}
         t1 = time.perf_counter()
         metrics = {"iteration": self.iteration, **result["stats"], **self.update(result["batch"])}
         metrics["train_seconds"] = time.perf_counter() - t1
