@@ -80,15 +80,21 @@ def run_worker(script: str, payload: list) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def print_table(rows: list[dict], key_fields: list[str], value_fields: list[tuple[str, str]]) -> None:
-    """One line a row; ``time x`` and ``mem x`` are relative to the ``naive`` row of the same key."""
+def print_table(
+    rows: list[dict],
+    key_fields: list[str],
+    value_fields: list[tuple[str, str]],
+    ratios: tuple[tuple[str, str], tuple[str, str]] = (("full_ms", "time x"), ("peak_mib", "mem x")),
+) -> None:
+    """One line a row; the two ``ratios`` columns (field, title) are relative to the ``naive`` row of the same key."""
+    (t_field, t_title), (m_field, m_title) = ratios
     base = {tuple(r[k] for k in key_fields): r for r in rows if r["provider"] == "naive"}
-    headers = key_fields + ["provider"] + [title for _, title in value_fields] + ["time x", "mem x"]
+    headers = key_fields + ["provider"] + [title for _, title in value_fields] + [t_title, m_title]
     table = []
     for r in rows:
         ref = base.get(tuple(r[k] for k in key_fields))
-        t_ratio = r["full_ms"] / ref["full_ms"] if ref else float("nan")
-        m_ratio = r["peak_mib"] / ref["peak_mib"] if ref and ref["peak_mib"] > 0 else float("nan")
+        t_ratio = r[t_field] / ref[t_field] if ref and ref[t_field] > 0 else float("nan")
+        m_ratio = r[m_field] / ref[m_field] if ref and ref[m_field] > 0 else float("nan")
         cells = [str(r[k]) for k in key_fields] + [r["provider"]]
         cells += [f"{r[field]:.2f}" if isinstance(r[field], float) else str(r[field]) for field, _ in value_fields]
         table.append(cells + [f"{t_ratio:.2f}", f"{m_ratio:.3f}"])

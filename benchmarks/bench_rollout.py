@@ -102,7 +102,8 @@ def main(argv=None):
             print(f"  done n={n} {provider}", file=sys.stderr, flush=True)
     print(f"cpu threads={rows[0]['threads']} model layers/hidden/vocab={dims} {prompts} prompts x {prompt_len} tokens, "
           f"{new_tokens} new tokens; naive = HF generate")
-    print_table(rows, ["n"], [("tokens", "tokens"), ("full_ms", "ms"), ("tokens_per_s", "tokens/s"), ("peak_mib", "peak MiB")])
+    fields = [("tokens", "tokens"), ("full_ms", "ms"), ("tokens_per_s", "tokens/s"), ("peak_mib", "peak MiB")]
+    print_table(rows, ["n"], fields)
     for n in (1, 8):
         ours = next(r for r in rows if r["n"] == n and r["provider"] == "ours")
         hf = next(r for r in rows if r["n"] == n and r["provider"] == "naive")

@@ -1,5 +1,6 @@
 #include "block_pool.h"
 
+#include <algorithm>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -13,6 +14,15 @@ std::string cat(Args&&... args) {
   std::ostringstream out;
   (out << ... << std::forward<Args>(args));
   return out.str();
+}
+
+// splitmix64's finaliser: a bijection of uint64 with full avalanche.
+uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
 }
 
 }  // namespace
@@ -32,6 +42,8 @@ BlockPool::BlockPool(int64_t num_blocks, int64_t block_size) : block_size_(block
   refcount_.assign(num_blocks, 0);
   prev_.assign(num_blocks, -1);
   next_.assign(num_blocks, -1);
+  keys_.assign(num_blocks, KeyEntry{});
+  key_tokens_.assign(num_blocks * block_size, 0);
   for (int64_t b = 0; b < num_blocks; ++b) push_free(b);
 }
 
@@ -39,16 +51,27 @@ BlockPool::BlockPool(int64_t num_blocks, int64_t block_size) : block_size_(block
 
 int64_t BlockPool::pop_free() {
   const int64_t b = head_;  // callers ran require_free first, so the list is not empty
-  head_ = next_[b];
-  if (head_ >= 0) {
-    prev_[head_] = -1;
-  } else {
-    tail_ = -1;
-  }
-  next_[b] = -1;
+  unlink_free(b);
+  // Evicted: whatever the block cached is about to be overwritten.
+  if (keys_[b].keyed) drop_key(b);
   refcount_[b] = 1;
-  --num_free_;
   return b;
+}
+
+void BlockPool::unlink_free(int64_t block) {
+  const int64_t prev = prev_[block], next = next_[block];
+  if (prev >= 0) {
+    next_[prev] = next;
+  } else {
+    head_ = next;
+  }
+  if (next >= 0) {
+    prev_[next] = prev;
+  } else {
+    tail_ = prev;
+  }
+  prev_[block] = next_[block] = -1;
+  --num_free_;
 }
 
 void BlockPool::push_free(int64_t block) {
@@ -160,6 +183,101 @@ void BlockPool::free(int64_t seq_id) {
   seqs_.erase(it);
 }
 
+// ---- prefix cache ------------------------------------------------------------------------------------------
+
+uint64_t BlockPool::chain_key(uint64_t parent, const int64_t* tokens) const {
+  uint64_t h = mix64(parent ^ 0x9e3779b97f4a7c15ULL);
+  for (int64_t t = 0; t < block_size_; ++t) h = mix64(h ^ static_cast<uint64_t>(tokens[t]));
+  return h;
+}
+
+int64_t BlockPool::lookup(uint64_t key, uint64_t parent, int64_t depth, const int64_t* tokens) const {
+  const auto it = cached_.find(key);
+  if (it == cached_.end()) return -1;
+  const int64_t b = it->second;
+  const KeyEntry& entry = keys_[b];
+  const int64_t* stored = key_tokens_.data() + b * block_size_;
+  const bool same = entry.parent == parent && entry.depth == depth && std::equal(tokens, tokens + block_size_, stored);
+  return same ? b : -1;  // a different block under the same key is a hash collision: a miss
+}
+
+void BlockPool::drop_key(int64_t block) {
+  cached_.erase(keys_[block].key);
+  keys_[block] = KeyEntry{};
+}
+
+int64_t BlockPool::allocate_prompt(int64_t seq_id, const std::vector<int64_t>& token_ids) {
+  require_new("allocate_prompt", "seq_id", seq_id);
+  const int64_t num_tokens = static_cast<int64_t>(token_ids.size());
+  const int64_t total = blocks_needed(num_tokens);
+  // The block holding the last token is never reused, so at least one token is left to prefill (it gives the
+  // logits of the first sampled token) and the prefill never writes into a shared block.
+  const int64_t matchable = num_tokens > 0 ? (num_tokens - 1) / block_size_ : 0;
+  const int64_t* tokens = token_ids.data();
+
+  // Look up the leading run of cached blocks without changing anything, so that running out of blocks below
+  // leaves the pool as it was.
+  Sequence seq;
+  seq.blocks.reserve(total);
+  seq.num_tokens = num_tokens;
+  uint64_t parent = kRootKey;
+  int64_t revived = 0;  // hits sitting in the free list: they stop being free, so fresh blocks cannot use them
+  for (int64_t i = 0; i < matchable; ++i) {
+    const uint64_t key = chain_key(parent, tokens + i * block_size_);
+    const int64_t b = lookup(key, parent, i, tokens + i * block_size_);
+    if (b < 0) break;
+    seq.blocks.push_back(b);
+    revived += refcount_[b] == 0;
+    parent = key;
+  }
+  const int64_t hits = static_cast<int64_t>(seq.blocks.size());
+  const int64_t fresh = total - hits;
+  if (fresh > num_free_ - revived) {
+    throw OutOfBlocksError(cat("BlockPool.allocate_prompt: out of KV blocks: need ", fresh, " (", hits,
+                               " of the prompt's ", total, " blocks cached), free ", num_free_ - revived, " of ",
+                               num_blocks(), "; free finished sequences or raise num_blocks"));
+  }
+
+  for (int64_t b : seq.blocks) {
+    if (refcount_[b]++ == 0) unlink_free(b);  // revived: keeps its key and contents
+  }
+  // Fresh full blocks get keyed for the prefill that follows. A key that is already cached (the prompt's last
+  // block when it is full and cached: it is recomputed, see `matchable`) stays with its block; this one, and the
+  // rest of the chain after it, stay unkeyed so that keyed blocks always form a leading run.
+  bool keying = true;
+  for (int64_t i = hits; i < total; ++i) {
+    const int64_t b = pop_free();
+    seq.blocks.push_back(b);
+    if (!keying || (i + 1) * block_size_ > num_tokens) continue;
+    const uint64_t key = chain_key(parent, tokens + i * block_size_);
+    if (!cached_.emplace(key, b).second) {
+      keying = false;
+      continue;
+    }
+    keys_[b] = KeyEntry{true, key, parent, i};
+    std::copy_n(tokens + i * block_size_, block_size_, key_tokens_.begin() + b * block_size_);
+    parent = key;
+  }
+  prefix_queries_ += matchable;
+  prefix_hits_ += hits;
+  seqs_.emplace(seq_id, std::move(seq));
+  return hits * block_size_;
+}
+
+void BlockPool::reset_prefix_cache() {
+  for (const auto& [key, b] : cached_) keys_[b] = KeyEntry{};
+  cached_.clear();
+}
+
+std::optional<uint64_t> BlockPool::block_key(int64_t block_id) const {
+  if (block_id < 0 || block_id >= num_blocks()) {
+    throw std::invalid_argument(
+        cat("BlockPool.block_key: block_id ", block_id, " out of range [0, ", num_blocks(), ")"));
+  }
+  if (!keys_[block_id].keyed) return std::nullopt;
+  return keys_[block_id].key;
+}
+
 // ---- queries -----------------------------------------------------------------------------------------------
 
 bool BlockPool::can_allocate(int64_t num_tokens) const { return blocks_needed(num_tokens) <= num_free_; }
@@ -238,6 +356,52 @@ void BlockPool::check_invariants() const {
   // walked distinct blocks, all with refcount 0: equality means every refcount-0 block is in the list.
   if (walked != zero_refcount) {
     fail(cat(zero_refcount, " blocks have refcount 0 but the free list holds ", walked));
+  }
+
+  // Prefix cache: the map and the per-block entries agree (counting both ways makes it a bijection), each key is
+  // the hash of its block's tokens after its parent, and a chain never loses its parent before its children.
+  int64_t keyed = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    const KeyEntry& e = keys_[b];
+    if (!e.keyed) continue;
+    ++keyed;
+    const auto it = cached_.find(e.key);
+    if (it == cached_.end() || it->second != b) {
+      fail(cat("block ", b, " is keyed but the key map does not point at it"));
+    }
+    if (chain_key(e.parent, key_tokens_.data() + b * block_size_) != e.key) {
+      fail(cat("block ", b, "'s key is not the hash of its stored tokens and parent key"));
+    }
+    if (e.depth == 0 ? e.parent != kRootKey : cached_.count(e.parent) == 0) {
+      fail(cat("block ", b, " at depth ", e.depth, " has a parent key that is not cached"));
+    }
+    if (e.depth > 0 && keys_[cached_.at(e.parent)].depth != e.depth - 1) {
+      fail(cat("block ", b, " at depth ", e.depth, " has a parent at depth ", keys_[cached_.at(e.parent)].depth));
+    }
+  }
+  if (keyed != static_cast<int64_t>(cached_.size())) {
+    fail(cat("the key map has ", cached_.size(), " entries but ", keyed, " blocks are keyed"));
+  }
+  // A keyed block is full wherever it is held and sits in the keyed leading run at its depth: never written.
+  for (const auto& [seq_id, seq] : seqs_) {
+    uint64_t parent = kRootKey;
+    bool in_run = true;
+    for (int64_t i = 0; i < static_cast<int64_t>(seq.blocks.size()); ++i) {
+      const KeyEntry& e = keys_[seq.blocks[i]];
+      if (!e.keyed) {
+        in_run = false;
+        continue;
+      }
+      if (!in_run) fail(cat("seq ", seq_id, " holds keyed block ", seq.blocks[i], " after an unkeyed one"));
+      if (e.depth != i || e.parent != parent) {
+        fail(cat("seq ", seq_id, " holds keyed block ", seq.blocks[i], " at index ", i, " but it is keyed at depth ",
+                 e.depth, (e.parent != parent ? " after another parent" : "")));
+      }
+      if ((i + 1) * block_size_ > seq.num_tokens) {
+        fail(cat("seq ", seq_id, " holds keyed block ", seq.blocks[i], " as its partly filled last block"));
+      }
+      parent = e.key;
+    }
   }
 }
 

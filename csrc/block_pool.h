@@ -15,15 +15,33 @@
 //   std::logic_error       check_invariants() found corrupted state (a bug in the pool); RuntimeError.
 // Every failing call leaves the pool exactly as it was: all checks run before the first mutation.
 //
-// Ready for prefix caching (a later step): the free list is an intrusive doubly linked list in LRU order
-// (allocation pops the head = least recently freed, freeing appends at the tail, and a sequence frees its tail
-// blocks first). A hashed full block can then stay in the free list with its contents after its refcount drops
-// to 0, be revived in O(1) by unlinking it from the middle on a prefix hit, or be evicted (hash dropped) when it
-// reaches the head. The hash map and the per-block hash will sit next to refcount_.
+// Prefix caching (SGLang's radix cache, vLLM's automatic prefix caching): a FULL block of a prompt is keyed by a
+// 64-bit hash of its token ids chained with the key of the block before it, so a key names the whole prefix up to
+// the block's end. allocate_prompt reuses the longest leading run of cached blocks of a new prompt (refcount + 1)
+// and registers the fresh full blocks it takes, which the caller prefills. A freed keyed block keeps its key and
+// its contents in the free list until it is evicted: the free list is an intrusive doubly linked list in LRU order
+// (pop the head = least recently freed; free appends at the tail, a sequence's tail blocks first, so a chain's
+// children are evicted before their parents), and a prefix hit revives a free block by unlinking it from the
+// middle in O(1). Taking a block from the free list drops its key.
+//
+// The invariant that makes a key trustworthy: A KEYED BLOCK IS NEVER WRITTEN. Blocks are written only
+//   (a) fresh from the free list (allocate, allocate_prompt, a new block in append_slot, a copy-on-write target):
+//       pop_free dropped any key they had; allocate_prompt keys its fresh full blocks at once, for the prefill that
+//       follows to write (a prompt allocated for the same batched prefill may already reuse them: it reads them
+//       in that prefill after each layer's write, as with its own tokens);
+//   (b) by append_slot into a partly filled last block, and only full blocks are ever keyed.
+// In every block table the keyed blocks form a leading run, block i of the run keyed at depth i with the key of
+// block i - 1 as its parent; every keyed block's parent key is itself cached. check_invariants() verifies all of it.
+// A hash collision costs at most a cache miss, never wrong KV: a hit is accepted only when the block's stored
+// tokens, depth and parent key equal the prompt's.
+//
+// RLHF: cached KV is a function of the weights, so the trainer calls reset_prefix_cache() after every optimizer
+// step; only prompt blocks are keyed (generated tokens are not), as sampled responses are rarely shared.
 
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <unordered_map>
 #include <vector>
@@ -53,8 +71,23 @@ class BlockPool {
   AppendResult append_slot(int64_t seq_id);
   // child_id shares every block of parent_id (refcount + 1 each) and starts with the same token count.
   void fork(int64_t parent_id, int64_t child_id);
-  // Drops seq_id; blocks whose refcount reaches 0 return to the free list.
+  // Drops seq_id; blocks whose refcount reaches 0 return to the free list (keyed ones keep their key).
   void free(int64_t seq_id);
+
+  // New sequence holding the len(token_ids) tokens of a prompt. Its leading full blocks whose chained keys are
+  // cached are reused (at most (len - 1) / block_size of them: the block holding the last token is always fresh,
+  // so the caller always has at least one token to prefill and never writes a shared block); the other blocks are
+  // fresh and the fresh full ones get keyed. Returns the number of leading tokens whose KV is already cached
+  // (a multiple of block_size, < len(token_ids) unless that is 0): the caller prefills tokens [returned, len).
+  int64_t allocate_prompt(int64_t seq_id, const std::vector<int64_t>& token_ids);
+  // Drops every key (blocks stay where they are); for when the weights, hence the cached KV, changed.
+  void reset_prefix_cache();
+  int64_t num_cached_blocks() const { return static_cast<int64_t>(cached_.size()); }
+  // Full prompt blocks allocate_prompt could have reused, and those it did reuse, since construction.
+  int64_t prefix_queries() const { return prefix_queries_; }
+  int64_t prefix_hits() const { return prefix_hits_; }
+  // The key of block_id, if it has one.
+  std::optional<uint64_t> block_key(int64_t block_id) const;
 
   bool can_allocate(int64_t num_tokens) const;
   int64_t blocks_needed(int64_t num_tokens) const;
@@ -71,7 +104,10 @@ class BlockPool {
 
   // Verifies: every block's refcount equals its number of (sequence, block) references; a block is in the
   // free list iff its refcount is 0; the free list is well linked; each sequence holds exactly
-  // blocks_needed(num_tokens) distinct, in-range blocks. Throws std::logic_error naming the first violation.
+  // blocks_needed(num_tokens) distinct, in-range blocks; the key map and the per-block keys agree, every key
+  // hashes from its block's stored tokens and parent key, every parent key is cached, and in every block table
+  // the keyed blocks are a leading run of full blocks chained in order (so no keyed block can be written).
+  // Throws std::logic_error naming the first violation. O(num_blocks * block_size + total block-table length).
   void check_invariants() const;
 
  private:
@@ -85,9 +121,25 @@ class BlockPool {
   void require_new(const char* where, const char* arg, int64_t seq_id) const;
   void require_free(const char* where, int64_t needed) const;
 
-  int64_t pop_free();              // unlinks and returns the head (least recently freed) block; refcount -> 1
+  int64_t pop_free();              // unlinks the head (least recently freed) block, drops its key; refcount -> 1
+  void unlink_free(int64_t block);  // takes block out of the free list, wherever it is
   void push_free(int64_t block);   // links block at the tail
   void release(int64_t block);     // refcount - 1; back to the free list at 0
+
+  // Key of a full block of tokens (block_size of them) whose predecessor has key `parent` (kRootKey for block 0).
+  uint64_t chain_key(uint64_t parent, const int64_t* tokens) const;
+  // The cached block holding exactly these tokens at this depth after this parent, or -1.
+  int64_t lookup(uint64_t key, uint64_t parent, int64_t depth, const int64_t* tokens) const;
+  void drop_key(int64_t block);
+
+  static constexpr uint64_t kRootKey = 0x243f6a8885a308d3ULL;  // parent key of every chain's first block
+
+  struct KeyEntry {
+    bool keyed = false;
+    uint64_t key = 0;
+    uint64_t parent = 0;  // key of the previous block of the chain, kRootKey at depth 0
+    int64_t depth = 0;    // index of the block in every block table holding it
+  };
 
   int64_t block_size_;
   std::vector<int64_t> refcount_;  // [num_blocks]
@@ -98,6 +150,14 @@ class BlockPool {
   int64_t tail_ = -1;
   int64_t num_free_ = 0;
   std::unordered_map<int64_t, Sequence> seqs_;
+
+  std::vector<KeyEntry> keys_;          // [num_blocks]
+  // NOTE: the tokens of every keyed block are kept ([num_blocks * block_size], 8 bytes a slot, small next to the
+  // KV they index) so that a hit is verified exactly and a 64-bit hash collision can never serve wrong KV.
+  std::vector<int64_t> key_tokens_;
+  std::unordered_map<uint64_t, int64_t> cached_;  // key -> block
+  int64_t prefix_queries_ = 0;
+  int64_t prefix_hits_ = 0;
 };
 
 }  // namespace rlhf_engine

@@ -11,7 +11,6 @@
 #include <unordered_set>
 
 namespace rlhf_engine {
-namespace {
 
 void check_kv_dtype(const char* op, const char* arg, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
@@ -30,11 +29,9 @@ void check_cache_pair(const char* op, const at::Tensor& key_cache, const at::Ten
   TORCH_CHECK(value_cache.device() == key_cache.device(), op, ": value_cache is on ", value_cache.device(),
               " but key_cache is on ", key_cache.device());
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), op,
-              ": key_cache and value_cache must be contiguous (they are written in place); allocate them with "
+              ": key_cache and value_cache must be contiguous (the kernels address them by block); allocate them with "
               "torch.empty(num_blocks, block_size, kv_heads, head_dim)");
 }
-
-}  // namespace
 
 void check_write_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& slot_mapping) {

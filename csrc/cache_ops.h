@@ -1,4 +1,5 @@
-// Argument checks shared by the CPU, CUDA and Meta implementations of the cache ops (defined in cache_ops.cpp).
+// Argument checks shared by the CPU, CUDA and Meta implementations of the cache ops (defined in cache_ops.cpp);
+// paged attention (attention.cpp) uses the cache checks too.
 //
 // Layouts:
 //   key, value         [num_tokens, kv_heads, head_dim]   any token stride; (kv_heads, head_dim) contiguous
@@ -11,6 +12,11 @@
 #include <ATen/core/Tensor.h>
 
 namespace rlhf_engine {
+
+// dtype is float32, bfloat16 or float16.
+void check_kv_dtype(const char* op, const char* arg, const at::Tensor& t);
+// Both caches [num_blocks, block_size, kv_heads, head_dim], same shape, dtype and device, contiguous.
+void check_cache_pair(const char* op, const at::Tensor& key_cache, const at::Tensor& value_cache);
 
 // Metadata only (shapes, dtypes, strides, devices agree with each other): never reads tensor data.
 void check_write_kv_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,

@@ -3,8 +3,17 @@
 A layer's cache is a pair of tensors ``key_cache``, ``value_cache`` of shape
 ``[num_blocks, block_size, kv_heads, head_dim]``. Token ``t`` of a sequence lives in slot
 ``block_table[t // block_size] * block_size + t % block_size`` of the flattened ``[num_blocks * block_size, ...]``
-view. :class:`BlockPool` does the bookkeeping (which blocks a sequence holds); :func:`write_kv` and
-:func:`copy_blocks` move the tensor data (CPU kernels always, CUDA kernels when :func:`has_cuda`).
+view. :class:`BlockPool` does the bookkeeping (which blocks a sequence holds, which full prompt blocks are cached);
+:func:`write_kv` and :func:`copy_blocks` move the tensor data and :func:`paged_attention` reads it (CPU kernels
+always, CUDA kernels when :func:`has_cuda`).
+
+Prefill of a prompt, reusing the cached KV of its longest cached prefix, then ``n`` samples sharing it::
+
+    cached = pool.allocate_prompt(seq_id, prompt_ids)  # tokens [0, cached) already have their KV
+    slots = torch.tensor(pool.slot_mapping(seq_id, cached, len(prompt_ids)))
+    ...  # run the model on prompt_ids[cached:] (attending to the cached prefix), write_kv(k, v, ..., slots)
+    for child_id in sample_ids:
+        pool.fork(seq_id, child_id)
 
 A decode step, per live sequence::
 
@@ -12,29 +21,34 @@ A decode step, per live sequence::
     if cow_src >= 0:  # the last block was shared with a fork: this sequence now owns a copy
         copy_blocks(key_cache, value_cache, [(cow_src, cow_dst)])
     write_kv(key, value, key_cache, value_cache, torch.tensor([slot], device=key.device))
+
+and for the whole batch, ``paged_attention(query, key_cache, value_cache, block_tables, context_lens)``. After every
+optimizer step the cached prefixes are stale: call ``pool.reset_prefix_cache()``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from rlhf_engine import _C
 
-__all__ = ["BlockPool", "OutOfBlocksError", "copy_blocks", "has_cuda", "write_kv"]
+__all__ = ["BlockPool", "OutOfBlocksError", "copy_blocks", "has_cuda", "paged_attention", "write_kv"]
 
 BlockPool = _C.BlockPool
-"""Paged block pool: ``BlockPool(num_blocks, block_size)``; see ``help(BlockPool)`` for its methods."""
+"""Paged block pool with prefix caching: ``BlockPool(num_blocks, block_size)``; see ``help(BlockPool)``."""
 
 OutOfBlocksError = _C.OutOfBlocksError
 """Raised (a RuntimeError) when the pool has too few free blocks; the pool is left unchanged."""
 
 _KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def has_cuda() -> bool:
-    """Whether the CUDA kernels of :func:`write_kv` and :func:`copy_blocks` were compiled into this build."""
+    """Whether the CUDA kernels of the cache ops were compiled into this build."""
     return _C.has_cuda()
 
 
@@ -63,7 +77,7 @@ def _check_caches(fn: str, key_cache: torch.Tensor, value_cache: torch.Tensor) -
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         if not cache.is_contiguous():
             raise ValueError(
-                f"{fn}: {name} must be contiguous (it is written in place), found strides {cache.stride()}"
+                f"{fn}: {name} must be contiguous (the kernels address it by block), found strides {cache.stride()}"
             )
 
 
@@ -148,3 +162,69 @@ def copy_blocks(
             f"{block_mapping.device}; build it on the host or call .cpu()"
         )
     torch.ops.rlhf_engine.copy_blocks(key_cache, value_cache, block_mapping.contiguous())
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention over the paged cache: one query token per sequence against its cached tokens.
+
+    ``out[b, h] = softmax(scale * K_b @ query[b, h]) @ V_b`` where ``K_b``, ``V_b`` are the first ``context_lens[b]``
+    tokens of sequence ``b`` (token ``t`` in block ``block_tables[b, t // block_size]`` at offset
+    ``t % block_size``), kv head ``h // (num_heads // kv_heads)`` (grouped-query attention). fp32 accumulation with
+    an online softmax; no gradient (decode only).
+
+    Args:
+        query: ``[num_seqs, num_heads, head_dim]`` in the cache dtype.
+        key_cache, value_cache: ``[num_blocks, block_size, kv_heads, head_dim]``, contiguous; float32, bfloat16 or
+            float16; ``kv_heads`` divides ``num_heads``.
+        block_tables: int32 or int64 ``[num_seqs, max_blocks_per_seq]``; entries past the blocks a sequence's
+            context needs are never read (pad with -1).
+        context_lens: int32 or int64 ``[num_seqs]``, each in ``[0, max_blocks_per_seq * block_size]``; a sequence
+            with 0 gets a zero output.
+        scale: the softmax scale, ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+        ``[num_seqs, num_heads, head_dim]`` in the query dtype.
+
+    A block id out of ``[0, num_blocks)`` among the blocks a context reads, or a context longer than its table,
+    raises ValueError on the CPU; on CUDA (where checking would sync the stream) that sequence's output is NaN.
+    """
+    fn = "paged_attention"
+    _check_caches(fn, key_cache, value_cache)
+    if query.dim() != 3:
+        raise ValueError(f"{fn}: query must be [num_seqs, num_heads, head_dim], found shape {tuple(query.shape)}")
+    num_seqs, num_heads, head_dim = query.shape
+    kv_heads = key_cache.shape[2]
+    if head_dim != key_cache.shape[3]:
+        raise ValueError(f"{fn}: query head_dim {head_dim} differs from the cache head_dim {key_cache.shape[3]}")
+    if num_heads % kv_heads != 0:
+        raise ValueError(
+            f"{fn}: kv_heads {kv_heads} (key_cache.shape[2]) must divide num_heads {num_heads} (query.shape[1])"
+        )
+    if query.dtype != key_cache.dtype:
+        raise ValueError(f"{fn}: query dtype {query.dtype} must match the cache dtype {key_cache.dtype}")
+    if query.device != key_cache.device:
+        raise ValueError(f"{fn}: query is on {query.device} but the caches are on {key_cache.device}")
+    for name, t, shape in (
+        ("block_tables", block_tables, f"[num_seqs, max_blocks_per_seq] with num_seqs = {num_seqs}"),
+        ("context_lens", context_lens, f"[num_seqs] = [{num_seqs}]"),
+    ):
+        if t.dim() != (2 if name == "block_tables" else 1) or t.shape[0] != num_seqs:
+            raise ValueError(f"{fn}: {name} must be {shape}, found shape {tuple(t.shape)}")
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{fn}: {name} must be int32 or int64, found {t.dtype}")
+        if t.device != key_cache.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the caches are on {key_cache.device}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if head_dim > 1 and query.stride(2) != 1:
+        query = query.contiguous()
+    return torch.ops.rlhf_engine.paged_attention(
+        query, key_cache, value_cache, block_tables.contiguous(), context_lens.contiguous(), float(scale)
+    )

@@ -8,19 +8,10 @@
 
 #include "cache_kernels.h"
 #include "cache_ops.h"
+#include "kernel_dtype.h"
 
 namespace rlhf_engine {
 namespace {
-
-cuda::DType to_kernel_dtype(const char* op, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kHalf: return cuda::DType::kFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, op, ": unsupported cache dtype ", dtype, " (float32, bfloat16 or float16)");
-}
 
 void write_kv_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
                    const at::Tensor& slot_mapping) {
