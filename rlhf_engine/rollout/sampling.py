@@ -70,14 +70,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return tokens, token_logprobs(logits, tokens)
     tempered = logits / params.temperature if params.temperature != 1.0 else logits
     truncated = _truncate(tempered, params.top_k, params.top_p)
-    log_probs = torch.log_softmax(truncated, dim=-1)
-    # NOTE: inverse-CDF sampling, one uniform per row against the fp64 running sum: an exact draw from
-    # Categorical(p) that costs one cumsum; torch.multinomial (and a per-token exponential race) spend ~30x longer
-    # on CPU at a 32k vocabulary. u < total and right=True never land on a zero-probability token.
-    cdf = log_probs.exp().double().cumsum_(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    probs = torch.softmax(truncated, dim=-1)
+    # NOTE: inverse-CDF sampling, one uniform per row against the running sum: an exact draw from Categorical(p)
+    # for one cumsum; torch.multinomial (and a per-token exponential race) take ~30x longer on CPU at a 32k
+    # vocabulary. u < total with right=True never lands on a token whose probability is 0.
+    cdf = probs.cumsum(-1)
+    u = torch.rand((cdf.shape[0], 1), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     if truncated is tempered or params.logprobs_after_truncation:
-        # NOTE: the distribution sampled from is the one reported: reuse its log-softmax
-        return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
+        # the distribution sampled from is the one reported: reuse its probabilities
+        return tokens, probs.gather(1, tokens[:, None]).squeeze(1).log()
     return tokens, token_logprobs(tempered, tokens)
