@@ -36,6 +36,9 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_logprobs.py --json bench_out/logprobs.json
+	$(PY) benchmarks/bench_ppo_loss.py --json bench_out/ppo_loss.json
+	$(PY) benchmarks/bench_kv_cache.py --json bench_out/kv_cache.json
+	$(PY) benchmarks/bench_rollout.py --json bench_out/rollout.json
 
 clean:
 	rm -rf build *.egg-info rlhf_engine/_C*.so

@@ -13,12 +13,16 @@ VOCAB = 97
 def tiny_config(kind: str):
     """Tiny random models. NOTE: initializer_range 0.2 (10x the default) spreads the logits, so that greedy
     decoding has no near-ties that two correct summation orders (ours vs HF's cache) could break differently."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     if kind == "llama":
         return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                            initializer_range=0.2)
+    if kind == "mistral":
+        return MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             sliding_window=None, initializer_range=0.2)
     if kind == "qwen2":
         return Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
@@ -26,7 +30,7 @@ def tiny_config(kind: str):
     return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "gpt2"])
 def model(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
