@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -110,3 +111,20 @@ def write_json(path: str | None, rows: list[dict]) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def parse_args(doc: str, argv, worker, *, device: bool = True, quick_help: str = "small shapes, a few seconds"):
+    """The options every benchmark takes. In a ``--worker`` subprocess it runs ``worker`` on the JSON payload,
+    prints its row and returns None; otherwise it returns the parsed options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median)")
+    if device:
+        parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return None
+    return args

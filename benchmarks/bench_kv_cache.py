@@ -22,7 +22,6 @@ blocks held are the KV blocks the batch occupies once prefilled.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -30,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import peak_rss_bytes, print_table, rss_bytes, run_worker, write_json  # noqa: E402
+from _harness import parse_args, peak_rss_bytes, print_table, rss_bytes, run_worker, write_json  # noqa: E402
 
 # (batch, context) x (kv_heads, head_dim); heads = 16, fp32. The floor of issue 4: batch 32, context 1024.
 BATCHES, CONTEXTS = (8, 32, 64), (256, 1024, 4096)
@@ -150,17 +149,8 @@ def prefix_rows(samples: int) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        import json
-
-        print(json.dumps(decode_worker(*json.loads(args.worker))))
+    args = parse_args(__doc__, argv, decode_worker)
+    if args is None:
         return 0
     import torch
 

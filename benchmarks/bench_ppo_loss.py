@@ -14,12 +14,11 @@ gradient, in units of one [B, T] fp32 tensor.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import measure, print_table, run_worker, write_json  # noqa: E402
+from _harness import measure, parse_args, print_table, run_worker, write_json  # noqa: E402
 
 DEFAULT_SHAPES = [(8, 512), (64, 2048), (256, 4096)]
 QUICK_SHAPES = [(8, 512), (64, 2048)]
@@ -88,17 +87,8 @@ def worker(b: int, t: int, provider: str, repeat: int, device: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        import json
-
-        print(json.dumps(worker(*json.loads(args.worker))))
+    args = parse_args(__doc__, argv, worker)
+    if args is None:
         return 0
     import torch
 

@@ -10,14 +10,13 @@ peak is the memory over the loaded model.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import peak_rss_bytes, print_table, rss_bytes, run_worker, write_json  # noqa: E402
+from _harness import parse_args, peak_rss_bytes, print_table, rss_bytes, run_worker, write_json  # noqa: E402
 
 PROVIDERS = ("naive", "ours")  # naive = HF generate
 
@@ -79,16 +78,8 @@ def worker(n: int, provider: str, prompts: int, prompt_len: int, new_tokens: int
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 layers, 4 prompts of 64 tokens, 16 new tokens")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        import json
-
-        print(json.dumps(worker(*json.loads(args.worker))))
+    args = parse_args(__doc__, argv, worker, device=False, quick_help="2 layers, 4 prompts of 64 tokens, 16 new tokens")
+    if args is None:
         return 0
     if args.quick:
         prompts, prompt_len, new_tokens, dims = 4, 64, 16, [2, 128, 8000]

@@ -50,27 +50,6 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
 
 
-def _paged_attention_torch(query, key_cache, value_cache, block_tables, context_lens, scale):
-    """Reference decode attention: gathers each sequence's blocks densely, then SDPA with a length mask.
-
-    query [N, H, D]; caches [num_blocks, block_size, KV, D]; block_tables [N, max_blocks]; context_lens [N].
-    """
-    n, max_blocks = block_tables.shape
-    block_size = key_cache.shape[1]
-    keys = key_cache[block_tables].flatten(1, 2).transpose(1, 2)  # (N, KV, max_blocks * block_size, D)
-    values = value_cache[block_tables].flatten(1, 2).transpose(1, 2)
-    positions = torch.arange(max_blocks * block_size, device=query.device)
-    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # (N, 1, 1, T)
-    gqa = keys.shape[1] != query.shape[1]
-    out = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out[:, :, 0, :]
-
-
-def _decode_attention():
-    native = getattr(kv_cache, "paged_attention", None)
-    return native if native is not None else _paged_attention_torch
-
-
 class RolloutEngine:
     """Generation on the paged KV cache over a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2)."""
 
@@ -102,7 +81,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix block (call after the weights change; done automatically on generate)."""
-        if self.pool is not None and hasattr(self.pool, "reset_prefix_cache"):
+        if self.pool is not None:
             self.pool.reset_prefix_cache()
 
     def _current_weights_version(self):
@@ -173,12 +152,12 @@ class RolloutEngine:
         ids = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long, device=self.device)
         positions = context_lens - 1
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
-        attend = _decode_attention()
         hidden, rope = fam.embed(ids, positions)
         for index, (key_cache, value_cache) in enumerate(self.caches):
             q, k, v = fam.attention_inputs(index, hidden, rope)
             kv_cache.write_kv(k, v, key_cache, value_cache, slot_t)
-            out = attend(q.contiguous(), key_cache, value_cache, block_tables, context_lens, fam.scale)  # (N, H, D)
+            out = kv_cache.paged_attention(q.contiguous(), key_cache, value_cache, block_tables, context_lens,
+                                           scale=fam.scale)  # (N, H, D)
             hidden = fam.attention_output(index, hidden, out.flatten(1))
         for s in seqs:
             s.length += 1
@@ -276,12 +255,7 @@ class RolloutEngine:
 
     def _start_group(self, index, prompt, params, generator, stats, sample_index) -> list[_Sequence]:
         parent = self._new_seq_id()
-        allocate_prompt = getattr(self.pool, "allocate_prompt", None)
-        if allocate_prompt is not None:
-            num_cached = allocate_prompt(parent, prompt)
-        else:
-            self.pool.allocate(parent, len(prompt))
-            num_cached = 0
+        num_cached = self.pool.allocate_prompt(parent, prompt)  # leading blocks already cached are reused
         stats["reused_prefix_tokens"] += num_cached
         stats["prefill_tokens"] += len(prompt) - num_cached
         logits = self._prefill(parent, prompt, num_cached)
