@@ -1,12 +1,70 @@
-"""`rlhf-engine` command line: one entry point, one subcommand per job.
+"""`rlhf-engine`: one entry point, one subcommand per phase.
 
-    rlhf-engine demo [--out runs/demo] [--sft-steps 300] [--rm-steps 150] [--ppo-iterations 20]
+    rlhf-engine sft  --config sft.yaml  [--key value ...]     supervised fine-tuning on prompt/response JSONL
+    rlhf-engine rm   --config rm.yaml   [--key value ...]     reward model on preference pairs
+    rlhf-engine dpo  --config dpo.yaml  [--key value ...]     direct preference optimisation
+    rlhf-engine ppo  --config ppo.yaml  [--key value ...]     PPO (critic + GAE) against a reward model or function
+    rlhf-engine grpo --config ppo.yaml  [--key value ...]     GRPO (group advantages, no critic)
+    rlhf-engine rloo --config ppo.yaml  [--key value ...]     RLOO (leave-one-out baseline, no critic)
+    rlhf-engine demo [--out runs/demo] [--steps N] [--phase ...] [--algo ppo|grpo|rloo]
+
+A flag overrides the YAML key of the same name (dashes or underscores); `rlhf-engine <phase> --help` lists every
+key with its default and meaning; `--resume true` continues from the last complete checkpoint in output_dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+
+PHASES = {
+    "sft": ("rlhf_engine.trainers.sft:SFTConfig", "run_sft", "supervised fine-tuning on prompt/response JSONL"),
+    "rm": ("rlhf_engine.trainers.reward:RewardConfig", "run_reward", "reward model on preference pairs"),
+    "dpo": ("rlhf_engine.trainers.dpo:DPOConfig", "run_dpo", "direct preference optimisation on preference pairs"),
+    "ppo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "PPO with a critic against a reward model/function"),
+    "grpo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "GRPO: group-relative advantages, no critic"),
+    "rloo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "RLOO: leave-one-out baseline, no critic"),
+}
+
+
+def _config_class(phase: str):
+    import importlib
+
+    module, _, name = PHASES[phase][0].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_help(cls) -> str:
+    """Every key of ``cls`` with its default and documentation."""
+    lines = ["config keys (YAML, or --key value on the command line):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name:<22} {default!r:<14} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _phase(phase: str, argv: list[str]) -> int:
+    from rlhf_engine.config import load_config
+    from rlhf_engine.trainers import phases
+
+    cls = _config_class(phase)
+    parser = argparse.ArgumentParser(prog=f"rlhf-engine {phase}", description=PHASES[phase][2],
+                                     epilog=config_help(cls), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of config keys (optional: flags alone work too)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args, overrides = parser.parse_known_args(argv)
+    for i, arg in enumerate(overrides):  # a bare --resume means --resume true
+        if arg == "--resume" and (i + 1 == len(overrides) or overrides[i + 1].startswith("--")):
+            overrides.insert(i + 1, "true")
+    config = load_config(cls, args.config, overrides)
+    if phase in ("grpo", "rloo"):
+        if any(o.lstrip("-").split("=")[0] == "algorithm" for o in overrides) and config.algorithm != phase:
+            raise ValueError(f"`rlhf-engine {phase}` runs algorithm {phase}; drop --algorithm {config.algorithm}")
+        config = dataclasses.replace(config, algorithm=phase)
+    getattr(phases, PHASES[phase][1])(config, progress=not args.no_progress)
+    return 0
 
 
 def _demo(args) -> int:
@@ -19,8 +77,12 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for phase, (_, _, help_text) in PHASES.items():
+        sub.add_parser(phase, help=help_text, add_help=False)
     demo = sub.add_parser("demo", help="run the pipeline on the embedded task (tiny model, nothing downloaded)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps (default: 300)")
@@ -33,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PHASES:
+        from rlhf_engine.config import ConfigError
+        from rlhf_engine.data.jsonl import DataError
+
+        try:
+            return _phase(argv[0], argv[1:])
+        except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
+            if os.environ.get("RLHF_ENGINE_DEBUG"):
+                raise
+            print(f"rlhf-engine {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     return args.func(args)
 

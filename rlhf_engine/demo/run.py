@@ -101,7 +101,7 @@ def run_demo(out_dir: str = "runs/demo", *, sft_steps: int = 300, rm_steps: int 
 
     # 1. SFT on mediocre demonstrations
     t0 = time.perf_counter()
-    sft_config = SFTConfig(steps=sft_steps, seed=seed)
+    sft_config = SFTConfig(steps=sft_steps, lr=3e-3, max_length=128, seed=seed)
     sft_data = [(fmt(e.prompt), e.response) for e in task.make_sft_examples(2000, seed)]
     sft_history = train_sft(policy, tokenizer, sft_data, sft_config, progress=progress)
     sft_eval = [(fmt(e.prompt), e.response) for e in task.make_sft_examples(200, seed + 300)]
@@ -121,7 +121,7 @@ def run_demo(out_dir: str = "runs/demo", *, sft_steps: int = 300, rm_steps: int 
     # 3. reward model from the SFT body
     t0 = time.perf_counter()
     rm = ScalarHeadModel(copy.deepcopy(policy))
-    rm_config = RewardConfig(steps=rm_steps, batch_size=32, lr=1e-3, max_length=160, seed=seed)
+    rm_config = RewardConfig(steps=rm_steps, batch_size=32, lr=1e-3, warmup_steps=10, max_length=160, seed=seed)
     rm_history = train_reward_model(rm, tokenizer, rm_train, rm_config, progress=progress)
     rm_accuracy = evaluate_reward_model(rm, tokenizer, rm_test, rm_config)["accuracy"]
     rm.save_pretrained(os.path.join(out_dir, "reward_model"))

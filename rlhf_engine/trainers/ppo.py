@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 
 import torch
 
+from rlhf_engine.checkpoint import load_checkpoint_state, save_checkpoint
+from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
 from rlhf_engine.models.heads import ScalarHeadModel, position_ids_for
 from rlhf_engine.ops import (
     gae,
@@ -35,60 +38,80 @@ from rlhf_engine.ops import (
     value_loss,
 )
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
+from rlhf_engine.trainers.common import TrainConfig, option
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 @dataclass
 class PPOConfig:
-    algorithm: str = "ppo"
-    iterations: int = 20
-    prompts_per_iteration: int = 8
-    n_samples: int = 1  # samples per prompt; GRPO and RLOO need >= 2
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    ppo_epochs: int = 2
-    minibatch_size: int = 16  # sequences
-
-    # NOTE: validated in __post_init__; minibatch_size too (below)
-    lr: float = 1e-4
-    critic_lr: float = 1e-4
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    vf_clip: float | None = 0.2
-    agg: str = "token-mean"
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    kl_in_reward: bool = True  # PPO: KL folded into the per-token reward
-    kl_reward_coef: float = 0.05
-    kl_reward_kind: str = "k1"
-    adaptive_kl_target: float | None = None  # adapts kl_reward_coef towards this KL per sequence
-    kl_coef: float = 0.0  # KL as a loss term (GRPO's usual choice)
-    kl_kind: str = "k3"
-    entropy_coef: float = 0.0
-    tis_cap: float | None = None  # truncated importance sampling against the rollout's own log-probs
-    max_grad_norm: float = 1.0
-    max_prompt_length: int = 128
-    seed: int = 0
+    model: str = option("", "policy to start from: the SFT model directory (also the frozen reference)")
+    data: str = option("", "prompts JSONL ({\"prompt\": ...} a line)")
+    output_dir: str = option("", "where metrics.jsonl, checkpoints/ and the final model/ go")
+    reward_model: str = option("", "reward model directory (saved by `rlhf-engine rm`); or set reward_fn")
+    reward_fn: str = option("", "a Python reward function 'module:function', (prompts, responses) -> list[float]")
+    critic_model: str = option("", "PPO: critic start (a reward/value model directory; default: the reward model, "
+                                    "else the policy body with a new head)")
+    algorithm: str = option("ppo", "ppo (critic + GAE) | grpo | rloo (group advantages over n_samples, no critic)")
+    iterations: int = option(20, "rollout + update iterations")
+    prompts_per_iteration: int = option(8, "prompts sampled each iteration")
+    n_samples: int = option(1, "samples per prompt; GRPO and RLOO need >= 2")
+    max_new_tokens: int = option(48, "tokens generated per sample at most")
+    temperature: float = option(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    ppo_epochs: int = option(2, "passes over each iteration's samples")
+    minibatch_size: int = option(16, "sequences per optimizer step")
+    lr: float = option(1e-6, "policy learning rate (AdamW)")
+    critic_lr: float = option(1e-5, "critic learning rate (AdamW)")
+    clip_low: float = option(0.2, "ratio clip below: 1 - clip_low")
+    clip_high: float | None = option(None, "ratio clip above: 1 + clip_high (default: clip_low; DAPO's clip-higher)")
+    dual_clip: float | None = option(None, "dual-clip bound c > 1 for negative advantages (None: off)")
+    vf_clip: float | None = option(0.2, "value clipping around the rollout's values (None: off)")
+    agg: str = option("token-mean", "loss aggregation: token-mean | seq-mean-token-sum | seq-mean-token-mean | "
+                                    "seq-mean-token-sum-norm")
+    gamma: float = option(1.0, "GAE discount")
+    lam: float = option(0.95, "GAE lambda")
+    whiten_advantages: bool = option(True, "normalise advantages over the batch's response tokens")
+    kl_in_reward: bool = option(True, "PPO: subtract kl_reward_coef * KL to the reference from each token's reward")
+    kl_reward_coef: float = option(0.05, "coefficient of the KL in the reward (the start value when adaptive)")
+    kl_reward_kind: str = option("k1", "estimator of the KL in the reward: k1 | k2 | k3 | abs")
+    adaptive_kl_target: float | None = option(None, "adapt kl_reward_coef towards this KL per sequence (None: fixed)")
+    kl_coef: float = option(0.0, "coefficient of the KL as a loss term (GRPO's usual choice)")
+    kl_kind: str = option("k3", "estimator of the KL loss term: k1 | k2 | k3 | abs")
+    entropy_coef: float = option(0.0, "entropy bonus coefficient")
+    tis_cap: float | None = option(None, "truncated importance sampling against the rollout's log-probs (None: off)")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
+    max_prompt_length: int = option(128, "prompt tokens kept (from the right)")
+    seed: int = option(0, "seed of prompt order, sampling and minibatch order")
+    dtype: str = option("float32", "dtype the models are loaded in: float32 | bfloat16 | float16")
+    device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    save_every: int = option(0, "checkpoint every this many iterations (0: only at the end)")
+    save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
+    resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
+    tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"PPOConfig.algorithm must be one of {list(ALGORITHMS)}, found {self.algorithm!r}")
         if self.algorithm in ("grpo", "rloo") and self.n_samples < 2:
             raise ValueError(f"PPOConfig.n_samples must be >= 2 for {self.algorithm}, found {self.n_samples}")
-        for name in ("iterations", "prompts_per_iteration", "n_samples", "max_new_tokens", "ppo_epochs"):
+        for name in ("iterations", "prompts_per_iteration", "n_samples", "max_new_tokens", "ppo_epochs",
+                     "minibatch_size", "max_prompt_length", "save_total_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PPOConfig.{name} must be a positive int, found {value!r}")
         if self.temperature <= 0:
             raise ValueError(f"PPOConfig.temperature must be > 0 (greedy has no gradient), found {self.temperature}")
-        if isinstance(self.minibatch_size, bool) or not isinstance(self.minibatch_size, int) or self.minibatch_size < 1:
-            raise ValueError(f"PPOConfig.minibatch_size must be a positive int, found {self.minibatch_size!r}")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"PPOConfig.tis_cap must be > 0, found {self.tis_cap}")
+        if self.reward_model and self.reward_fn:
+            raise ValueError("PPOConfig: set one of reward_model or reward_fn, not both")
+
+    def require(self, *names: str) -> None:
+        TrainConfig.require(self, *names)
+        if not (self.reward_model or self.reward_fn):
+            raise ValueError("PPOConfig: set reward_model (a directory from `rlhf-engine rm`) or reward_fn "
+                             "('module:function')")
 
 
 def _nonfinite(name: str, value: torch.Tensor, iteration: int) -> None:
@@ -99,7 +122,8 @@ def _nonfinite(name: str, value: torch.Tensor, iteration: int) -> None:
 class PPOTrainer:
     """Holds the policy (trained in place), the frozen reference, the critic (PPO) and the rollout engine."""
 
-    def __init__(self, policy, tokenizer, config: PPOConfig, *, reward_model=None, reward_fn=None, critic=None):
+    def __init__(self, policy, tokenizer, config: PPOConfig, *, reward_model=None, reward_fn=None, critic=None,
+                 reference=None):
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("PPOTrainer: pass exactly one of reward_model (a ScalarHeadModel) or reward_fn")
         self.config = config
@@ -107,7 +131,8 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.reward_model = reward_model
         self.reward_fn = reward_fn
-        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        # the frozen reference is the policy as it starts (a resumed run passes the original model instead)
+        self.reference = (reference if reference is not None else copy.deepcopy(policy)).eval().requires_grad_(False)
         self.critic = None
         if config.algorithm == "ppo":
             if critic is None:
@@ -281,18 +306,73 @@ class PPOTrainer:
                 raise FloatingPointError(f"iteration {metrics['iteration']}: {key} is not finite")
         return metrics
 
-    def train(self, prompts: list[str], *, progress: bool = True, on_step=None) -> list[dict]:
+    # ------------------------------------------------------------------------------------------------------------
+    def models(self) -> dict:
+        """What a checkpoint saves: the policy and, for PPO, the critic (the reference is the run's ``model``)."""
+        return {"policy": self.policy, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(),
+                 "torch_rng": torch.get_rng_state(), "iteration": self.iteration,
+                 "kl_reward_coef": self.kl_reward_coef}
+        if self.critic is not None:
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic is not None:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration = state["iteration"]
+        self.kl_reward_coef = state["kl_reward_coef"]
+        self.engine.reset_prefix_cache()
+
+    def save(self) -> str:
+        return save_checkpoint(self.config.output_dir, self.iteration, models=self.models(), state=self.state_dict(),
+                               meta={"phase": self.config.algorithm}, keep=self.config.save_total_limit,
+                               tokenizer=self.tokenizer)
+
+    def train(self, prompts: list[str], *, progress: bool = True, on_step=None,
+              resume_from: str | None = None) -> list[dict]:
+        """Runs to ``config.iterations``; with ``config.output_dir`` writes metrics.jsonl and checkpoints there.
+
+        ``resume_from`` (a checkpoint directory whose models were already loaded into this trainer's policy and
+        critic) restores the optimizer, RNG and iteration state so the run continues exactly where it stopped.
+        """
         if not prompts:
             raise ValueError("PPOTrainer.train: prompts is empty")
         from tqdm.auto import tqdm
 
+        cfg = self.config
+        if resume_from is not None:
+            self.load_state_dict(load_checkpoint_state(resume_from)[1])
+        logger = None
+        if cfg.output_dir:
+            tb = os.path.join(cfg.output_dir, "tensorboard") if cfg.tensorboard else None
+            logger = MetricsLogger(os.path.join(cfg.output_dir, METRICS_FILE),
+                                   resume_step=self.iteration if resume_from else None, tensorboard_dir=tb)
         history = []
-        bar = tqdm(range(self.config.iterations), desc=self.config.algorithm, disable=not progress, dynamic_ncols=True)
-        for _ in bar:
-            chosen = [self.rng.choice(prompts) for _ in range(self.config.prompts_per_iteration)]
-            metrics = self.step(chosen)
-            history.append(metrics)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-            if on_step is not None:
-                on_step(metrics)
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=cfg.algorithm, disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            while self.iteration < cfg.iterations:
+                chosen = [self.rng.choice(prompts) for _ in range(cfg.prompts_per_iteration)]
+                metrics = self.step(chosen)
+                metrics["step"] = metrics["iteration"]
+                if on_step is not None:
+                    on_step(metrics)
+                history.append(metrics)
+                if logger is not None:
+                    logger.log(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+                last = self.iteration == cfg.iterations
+                if cfg.output_dir and ((cfg.save_every and self.iteration % cfg.save_every == 0) or last):
+                    self.save()
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
         return history

@@ -1,108 +1,107 @@
 """Supervised fine-tuning: masked NLL on response tokens through ``linear_logprobs`` (no [B, T, V] logits).
 
-    from rlhf_engine.trainers import SFTConfig, train_sft
+    rlhf-engine sft --config sft.yaml [--lr 1e-5 ...]              # the CLI: data from JSONL, checkpoints, resume
+
+    from rlhf_engine.trainers import SFTConfig, train_sft             # as a library, on records in memory
     history = train_sft(model, tokenizer, [(prompt, response), ...], SFTConfig(steps=200))
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import random
 from dataclasses import dataclass
 
 import torch
 
-from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch, collate_sft, encode_sft
+from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch, collate_sft, encode_record, pack_sft
 from rlhf_engine.ops import linear_logprobs
+from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 
 
 @dataclass
-class SFTConfig:
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "max_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"SFTConfig.{name} must be a positive int, found {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"SFTConfig.lr must be > 0, found {self.lr!r}")
-        if self.warmup_steps < 0 or self.max_grad_norm <= 0:
-            raise ValueError("SFTConfig.warmup_steps must be >= 0 and max_grad_norm > 0")
+class SFTConfig(TrainConfig):
+    lr: float = option(2e-5, "peak learning rate (AdamW)")
+    packing: bool = option(False, "pack several examples into each row of max_length tokens (no cross-attention)")
 
 
 def sft_loss(model, batch: SFTBatch) -> tuple[torch.Tensor, int]:
-    """Mean NLL over response tokens; returns ``(loss, number of response tokens)``."""
-    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    """Summed NLL over response tokens and their number: ``(loss_sum, n_tokens)``."""
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False)
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
     targets = batch.labels[:, 1:]
     head = model.get_output_embeddings()
     logp = linear_logprobs(hidden, head.weight, targets, bias=head.bias)
-    n_tokens = int((targets != IGNORE_INDEX).sum())
-    return -logp.sum() / max(n_tokens, 1), n_tokens
+    return -logp.sum(), int((targets != IGNORE_INDEX).sum())
 
 
-def _schedule(config: SFTConfig):
-    def factor(step: int) -> float:  # linear warmup, then cosine to 10%
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def _n_tokens(batch: SFTBatch) -> int:
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def train_sft(model, tokenizer, examples, config: SFTConfig, *, progress: bool = True, on_step=None) -> list[dict]:
-    """Trains ``model`` in place on ``examples`` (pairs of prompt, response); returns one metrics dict a step."""
-    if not examples:
-        raise ValueError("train_sft: examples is empty")
-    from tqdm.auto import tqdm
+class SFTData:
+    """Encoded examples and the batch sampler (plain right-padded rows, or packed rows of ``max_length``)."""
 
-    encoded = [encode_sft(tokenizer, p, r, config.max_length) for p, r in examples]
-    rng = random.Random(config.seed)
+    def __init__(self, tokenizer, records, config: SFTConfig):
+        if not records:
+            raise ValueError("SFT: no training examples")
+        self.encoded = [encode_record(tokenizer, r, config.max_length) for r in records]
+        self.pad = tokenizer.pad_token_id
+        self.config = config
+
+    def sample(self, rng) -> SFTBatch:
+        cfg = self.config
+        if not cfg.packing:
+            return collate_sft(rng.sample(self.encoded, min(cfg.batch_size, len(self.encoded))), self.pad)
+        rows, row, used = [], [], 0
+        while len(rows) < cfg.batch_size:
+            example = self.encoded[rng.randrange(len(self.encoded))]
+            if used + len(example[0]) > cfg.max_length:
+                rows.append(row)
+                row, used = [], 0
+            row.append(example)
+            used += len(example[0])
+        return pack_sft(rows, self.pad, cfg.max_length)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.encoded), batch_size):
+            yield collate_sft(self.encoded[start : start + batch_size], self.pad)
+
+
+def train_sft(model, tokenizer, examples, config: SFTConfig, *, progress: bool = True, on_step=None,
+              eval_examples=None, resume_from: str | None = None) -> list[dict]:
+    """Trains ``model`` in place on ``examples`` (SFTRecords or (prompt, response) pairs); one metrics dict a step.
+
+    With ``config.output_dir`` set, metrics.jsonl and checkpoints go there and ``resume_from`` continues a run.
+    """
+    data = SFTData(tokenizer, examples, config)
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    trainer = Trainer(config, "sft", model.parameters(), models={"policy": model}, tokenizer=tokenizer,
+                      device=device, progress=progress)
+    evaluate = None
+    if eval_examples:
+        eval_data = SFTData(tokenizer, eval_examples, config)
+        evaluate = lambda: {"loss": _evaluate(model, eval_data, config)}  # noqa: E731
     model.train()
-    history = []
-    bar = tqdm(range(config.steps), desc="sft", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        batch = collate_sft(rng.sample(encoded, min(config.batch_size, len(encoded))), tokenizer.pad_token_id)
-        batch = SFTBatch(*(t.to(device) for t in dataclasses.astuple(batch)))
-        loss, n_tokens = sft_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        row = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
-        row["tokens"] = n_tokens
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if on_step is not None:
-            on_step(row)
-    return history
+    return trainer.fit(lambda rng: move(data.sample(rng), device), lambda b: {"loss": sft_loss(model, b)[0]},
+                       _n_tokens, evaluate=evaluate, resume_from=resume_from, on_step=on_step,
+                       weight_name="tokens")
 
 
 @torch.no_grad()
-def evaluate_sft(model, tokenizer, examples, config: SFTConfig) -> float:
-    """Mean response-token NLL over ``examples``."""
+def _evaluate(model, data: SFTData, config: SFTConfig) -> float:
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    encoded = [encode_sft(tokenizer, p, r, config.max_length) for p, r in examples]
-    for start in range(0, len(encoded), config.batch_size):
-        batch = collate_sft(encoded[start : start + config.batch_size], tokenizer.pad_token_id)
-        batch = SFTBatch(*(t.to(device) for t in dataclasses.astuple(batch)))
-        loss, n_tokens = sft_loss(model, batch)
-        total += loss.item() * n_tokens
+    for batch in data.batches(config.batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss_sum, n_tokens = sft_loss(model, move(batch, device))
+        total += float(loss_sum)
         count += n_tokens
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
+
+
+def evaluate_sft(model, tokenizer, examples, config: SFTConfig) -> float:
+    """Mean response-token NLL over ``examples``."""
+    return _evaluate(model, SFTData(tokenizer, examples, config), config)

@@ -1,0 +1,272 @@
+"""What the SFT, reward-model and DPO phases share: the config fields every phase has, the optimizer and schedule,
+and one training loop with gradient accumulation, bf16 autocast, clipping, a non-finite guard, metrics, periodic
+evaluation, atomic checkpoints and exact resume.
+
+The loop normalises by the whole accumulation window: each phase's ``loss_fn`` returns *sums* (over tokens for
+SFT, over pairs for the reward model and DPO) and ``weight_fn`` the count they are summed over, so the gradient is
+that of the mean over every token (or pair) of the window, never a mean of micro-batch means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
+from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def option(default, help: str):
+    """A config field with its documentation (shown by ``rlhf-engine <phase> --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _positive_int(cls: str, name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{cls}.{name} must be an int >= {minimum}, found {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Fields every offline phase (SFT, reward model, DPO) has."""
+
+    model: str = option("", "Hugging Face model directory to start from (required by the CLI)")
+    data: str = option("", "training JSONL file (required by the CLI)")
+    output_dir: str = option("", "where metrics.jsonl, checkpoints/ and the final model/ go (required by the CLI)")
+    eval_data: str = option("", "held-out JSONL file of the same format (optional)")
+    seed: int = option(0, "seed of the data order, initialisation and sampling")
+    steps: int = option(300, "optimizer steps")
+    batch_size: int = option(32, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
+    lr: float = option(2e-5, "peak learning rate (AdamW)")
+    schedule: str = option("cosine", "learning-rate schedule after warmup: cosine | linear | constant")
+    warmup_steps: int = option(20, "linear warmup steps")
+    min_lr_ratio: float = option(0.1, "the schedule's final learning rate as a fraction of lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: tuple[float, ...] = option((0.9, 0.999), "AdamW betas")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
+    max_length: int = option(512, "tokens per sequence; the prompt is kept whole and the response cut to fit")
+    bf16: bool = option(False, "bf16 autocast for forward passes (weights and optimizer stay in their dtype)")
+    dtype: str = option("float32", "dtype the model is loaded in: float32 | bfloat16 | float16")
+    device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    skip_nonfinite: bool = option(True, "skip an optimizer step whose loss or gradient is not finite")
+    max_skipped_steps: int = option(10, "abort after this many consecutive skipped steps")
+    log_every: int = option(1, "write a metrics row every this many steps")
+    eval_every: int = option(0, "evaluate on eval_data every this many steps (0: only at the end)")
+    save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
+    save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
+    resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
+    tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
+
+    def __post_init__(self):
+        cls = type(self).__name__
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "save_total_limit",
+                     "max_skipped_steps"):
+            _positive_int(cls, name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            _positive_int(cls, name, getattr(self, name), minimum=0)
+        if not self.lr > 0:
+            raise ValueError(f"{cls}.lr must be > 0, found {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{cls}.schedule must be one of {list(SCHEDULES)}, found {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"{cls}.min_lr_ratio must be in [0, 1], found {self.min_lr_ratio!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"{cls}.max_grad_norm must be > 0, found {self.max_grad_norm!r}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"{cls}.adam_betas must be two numbers in [0, 1), found {self.adam_betas!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{cls}.dtype must be float32, bfloat16 or float16, found {self.dtype!r}")
+
+    def require(self, *names: str) -> None:
+        """The CLI's check that the run's paths are set: names the missing field and how to set it."""
+        for name in names:
+            if not getattr(self, name):
+                raise ValueError(f"{type(self).__name__}.{name} is required: set `{name}:` in the YAML file or "
+                                 f"pass --{name.replace('_', '-')} VALUE")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but torch sees no CUDA device; use device: cpu or auto")
+    return device
+
+
+def lr_factor(config: TrainConfig, steps: int | None = None):
+    """Linear warmup to 1, then ``schedule`` down to ``min_lr_ratio`` at the last step."""
+    total = config.steps if steps is None else steps
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+        if config.schedule == "constant":
+            return 1.0
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
+
+    return factor
+
+
+def resume_checkpoint(config: TrainConfig) -> str | None:
+    """The checkpoint a run continues from (``resume``), or None for a fresh run.
+
+    A fresh run into an ``output_dir`` that already holds checkpoints is an error rather than a silent overwrite.
+    """
+    if not config.output_dir:
+        return None
+    if config.resume:
+        path = latest_checkpoint(config.output_dir)
+        if path is None:
+            print(f"resume: no complete checkpoint in {config.output_dir}/checkpoints; starting from step 0")
+        return path
+    if list_checkpoints(config.output_dir):
+        raise ValueError(f"output_dir {config.output_dir!r} already holds checkpoints of an earlier run: pass "
+                         f"--resume true to continue it, or choose another output_dir")
+    return None
+
+
+class Trainer:
+    """The loop shared by the offline phases. ``models`` are what checkpoints save (name -> save_pretrained)."""
+
+    def __init__(self, config: TrainConfig, phase: str, params, *, models: dict | None = None, tokenizer=None,
+                 device: torch.device | None = None, progress: bool = True):
+        self.config = config
+        self.phase = phase
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{phase}: the model has no trainable parameters")
+        self.models = models or {}
+        self.tokenizer = tokenizer
+        self.device = device or self.params[0].device
+        self.progress = progress
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
+                                           betas=tuple(config.adam_betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
+        self.rng = random.Random(config.seed)
+        self.step = 0
+        self.skipped_in_a_row = 0
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "step": self.step,
+                "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+
+    def save(self) -> str:
+        return save_checkpoint(self.config.output_dir, self.step, models=self.models, state=self.state_dict(),
+                               meta={"phase": self.phase}, keep=self.config.save_total_limit,
+                               tokenizer=self.tokenizer)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def fit(self, sample_batch, loss_fn, weight_fn, *, evaluate=None, resume_from: str | None = None,
+            on_step=None, weight_name: str = "examples") -> list[dict]:
+        """Runs to ``config.steps``; returns the metrics rows (those of this process, after any resume).
+
+        sample_batch(rng) -> batch; loss_fn(batch) -> dict of sums, "loss" with grad; weight_fn(batch) -> count;
+        evaluate() -> dict of held-out metrics (optional).
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if resume_from is not None:
+            _, state = load_checkpoint_state(resume_from)
+            self.load_state_dict(state)
+        logger = None
+        if cfg.output_dir:
+            tb = os.path.join(cfg.output_dir, "tensorboard") if cfg.tensorboard else None
+            logger = MetricsLogger(os.path.join(cfg.output_dir, METRICS_FILE),
+                                   resume_step=self.step if resume_from else None, tensorboard_dir=tb)
+        history = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.phase, disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                row = self._one_step(sample_batch, loss_fn, weight_fn, weight_name)
+                self.step += 1
+                last = self.step == cfg.steps
+                if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                    row.update({f"eval_{k}": v for k, v in evaluate().items()})
+                if self.step % cfg.log_every == 0 or last or any(k.startswith("eval_") for k in row):
+                    history.append(row)
+                    if logger is not None:
+                        logger.log(row)
+                bar.update(1)
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "accuracy") if k in row})
+                if on_step is not None:
+                    on_step(row)
+                if cfg.output_dir and ((cfg.save_every and self.step % cfg.save_every == 0) or last):
+                    self.save()
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        return history
+
+    def _one_step(self, sample_batch, loss_fn, weight_fn, weight_name: str) -> dict:
+        cfg = self.config
+        micro = [sample_batch(self.rng) for _ in range(cfg.grad_accum)]
+        total = sum(weight_fn(b) for b in micro)
+        sums: dict[str, float] = {}
+        finite = True
+        for batch in micro:
+            with self.autocast():
+                out = loss_fn(batch)
+            loss = out["loss"] / max(total, 1)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite else torch.tensor(0.0)
+        finite = finite and bool(torch.isfinite(grad_norm))
+        row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0]}
+        if finite:
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            if not cfg.skip_nonfinite:
+                raise FloatingPointError(f"{self.phase} step {self.step}: the loss or gradient is not finite; "
+                                         f"lower lr, enable max_grad_norm, or set skip_nonfinite: true")
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                raise FloatingPointError(f"{self.phase}: {self.skipped_in_a_row} steps in a row had a non-finite "
+                                         f"loss or gradient; lower lr or check the data")
+            row["skipped"] = 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        row.update({k: v / max(total, 1) for k, v in sums.items()})
+        row.update({"grad_norm": float(grad_norm), weight_name: total})
+        return row
+
+
+def move(batch, device):
+    """A dataclass of tensors (or None) moved to ``device``."""
+    return type(batch)(*(None if t is None else t.to(device) for t in
+                         (getattr(batch, f.name) for f in dataclasses.fields(batch))))

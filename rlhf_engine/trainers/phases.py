@@ -1,0 +1,156 @@
+"""The phases as the CLI runs them: config in, a trained model directory out.
+
+Each ``run_<phase>(config)`` checks the run's paths, loads the model(s) (from the last checkpoint when resuming),
+reads and validates the JSONL data, trains with metrics and checkpoints under ``output_dir``, saves the final
+model as a Hugging Face directory in ``output_dir/model`` (with the tokenizer, so it is the next phase's
+``model``), then prints a summary table and writes ``summary.json`` and ``curves.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import time
+
+import torch
+
+from rlhf_engine.checkpoint import save_model_atomic
+from rlhf_engine.config import config_to_dict
+from rlhf_engine.data.jsonl import read_jsonl
+from rlhf_engine.metrics import METRICS_FILE, fmt, format_table, plot_curves, read_metrics
+from rlhf_engine.models import load_causal_lm, load_tokenizer
+from rlhf_engine.models.heads import ScalarHeadModel
+from rlhf_engine.trainers.common import resolve_device, resume_checkpoint
+
+MODEL_DIR = "model"
+
+
+def _start(config, phase: str) -> tuple[torch.device, str | None]:
+    config.require("model", "data", "output_dir")
+    device = resolve_device(config.device)
+    resume = resume_checkpoint(config)
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(os.path.join(config.output_dir, f"{phase}_config.json"), "w") as f:
+        json.dump(config_to_dict(config), f, indent=1)
+    torch.manual_seed(config.seed)
+    return device, resume
+
+
+def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float) -> dict:
+    """Summary of the whole run (metrics.jsonl holds the rows from before a resume too)."""
+    history = read_metrics(os.path.join(config.output_dir, METRICS_FILE))
+    keys = keys + sorted({k for r in history for k in r if k.startswith("eval_")})
+    last = history[-1] if history else {}
+    summary = {"phase": phase, "steps": last.get("step", -1) + 1, **{k: last[k] for k in keys if k in last},
+               **extra, "seconds": round(seconds, 1), "model": os.path.join(config.output_dir, MODEL_DIR)}
+    with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    png = plot_curves(history, keys, os.path.join(config.output_dir, "curves.png"), title=phase)
+    print("\n" + format_table([(k, fmt(v)) for k, v in summary.items()]))
+    print(f"wrote {config.output_dir}/metrics.jsonl, summary.json" + (", curves.png" if png else ""))
+    return summary
+
+
+def run_sft(config, *, progress: bool = True) -> dict:
+    from rlhf_engine.trainers.sft import train_sft
+
+    t0 = time.perf_counter()
+    device, resume = _start(config, "sft")
+    tokenizer = load_tokenizer(config.model)
+    model = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
+                           device=device)
+    records = read_jsonl(config.data, "sft")
+    eval_records = read_jsonl(config.eval_data, "sft") if config.eval_data else None
+    train_sft(model, tokenizer, records, config, progress=progress, eval_examples=eval_records,
+                        resume_from=resume)
+    _save_final(model, tokenizer, config)
+    return _finish(config, "sft", ["loss", "grad_norm", "lr"],
+                   {"examples": len(records)}, time.perf_counter() - t0)
+
+
+def run_reward(config, *, progress: bool = True) -> dict:
+    from rlhf_engine.trainers.reward import train_reward_model
+
+    t0 = time.perf_counter()
+    device, resume = _start(config, "reward")
+    tokenizer = load_tokenizer(config.model)
+    source = os.path.join(resume, "reward_model") if resume else config.model
+    model = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
+    pairs = read_jsonl(config.data, "preferences")
+    eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
+    train_reward_model(model, tokenizer, pairs, config, progress=progress, eval_pairs=eval_pairs,
+                                 resume_from=resume)
+    _save_final(model, tokenizer, config)
+    return _finish(config, "reward", ["loss", "accuracy", "reward_margin"],
+                   {"pairs": len(pairs)}, time.perf_counter() - t0)
+
+
+def run_dpo(config, *, progress: bool = True) -> dict:
+    from rlhf_engine.trainers.dpo import train_dpo
+
+    t0 = time.perf_counter()
+    device, resume = _start(config, "dpo")
+    tokenizer = load_tokenizer(config.model)
+    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
+                            device=device)
+    reference = load_causal_lm(config.ref_model or config.model, dtype=config.dtype, device=device)
+    pairs = read_jsonl(config.data, "preferences")
+    eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
+    train_dpo(policy, tokenizer, pairs, config, reference=reference, progress=progress,
+                        eval_pairs=eval_pairs, resume_from=resume)
+    _save_final(policy, tokenizer, config)
+    return _finish(config, "dpo", ["loss", "accuracy", "reward_margin"],
+                   {"pairs": len(pairs)}, time.perf_counter() - t0)
+
+
+def load_reward_fn(spec: str):
+    """``'package.module:function'`` or ``'path/to/file.py:function'`` -> the callable."""
+    if ":" not in spec:
+        raise ValueError(f"reward_fn must look like 'module:function' or 'file.py:function', found {spec!r}")
+    module_name, _, attr = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise FileNotFoundError(f"reward_fn: no such file {module_name!r}")
+        spec_obj = importlib.util.spec_from_file_location("rlhf_engine_user_reward", module_name)
+        module = importlib.util.module_from_spec(spec_obj)
+        spec_obj.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward_fn: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def run_ppo(config, *, progress: bool = True) -> dict:
+    from rlhf_engine.trainers.ppo import PPOTrainer
+
+    t0 = time.perf_counter()
+    device, resume = _start(config, config.algorithm)
+    tokenizer = load_tokenizer(config.model)
+    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
+                            device=device)
+    reference = load_causal_lm(config.model, dtype=config.dtype, device=device) if resume else None
+    reward_model = reward_fn = critic = None
+    if config.reward_fn:
+        reward_fn = load_reward_fn(config.reward_fn)
+    else:
+        reward_model = ScalarHeadModel.from_pretrained(config.reward_model, dtype=config.dtype, device=device)
+        reward_model.requires_grad_(False)
+    if config.algorithm == "ppo":
+        source = (os.path.join(resume, "critic") if resume else config.critic_model or config.reward_model
+                  or config.model)
+        critic = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
+    prompts = [r.prompt for r in read_jsonl(config.data, "prompts")]
+    trainer = PPOTrainer(policy, tokenizer, config, reward_model=reward_model, reward_fn=reward_fn, critic=critic,
+                         reference=reference)
+    trainer.train(prompts, progress=progress, resume_from=resume)
+    _save_final(policy, tokenizer, config)
+    keys = ["reward_mean", "kl", "policy_loss", "entropy", "response_length", "value_loss"]
+    return _finish(config, config.algorithm, keys, {"prompts": len(prompts)}, time.perf_counter() - t0)
+
+
+def _save_final(model, tokenizer, config) -> None:
+    save_model_atomic(os.path.join(config.output_dir, MODEL_DIR), model, tokenizer)
