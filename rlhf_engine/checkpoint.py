@@ -103,18 +103,16 @@ def load_checkpoint_state(path: str) -> tuple[dict, dict]:
     return meta, state
 
 
-def save_model_atomic(path: str, model, tokenizer=None) -> str:
-    """``model.save_pretrained(path)`` (and the tokenizer) through a temporary directory and a rename."""
+def copy_model_atomic(source: str, path: str) -> str:
+    """A copy of the model directory ``source`` at ``path``, through a temporary directory and a rename; the
+    previous ``path``, if any, stays whole until the new one is in place."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    old = f"{path}.old-{os.getpid()}"
+    shutil.copytree(source, tmp)
     if os.path.exists(path):
-        os.replace(path, old)  # keep the previous model until the new one is in place
+        os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(parent)

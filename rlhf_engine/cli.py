@@ -70,8 +70,14 @@ def _phase(phase: str, argv: list[str]) -> int:
 def _demo(args) -> int:
     from rlhf_engine.demo.run import print_summary, run_demo
 
-    summary = run_demo(args.out, sft_steps=args.sft_steps, rm_steps=args.rm_steps, ppo_iterations=args.ppo_iterations,
-                       seed=args.seed, progress=not args.no_progress)
+    steps = {"sft_steps": args.sft_steps, "rm_steps": args.rm_steps, "ppo_iterations": args.ppo_iterations}
+    if args.steps is not None:
+        if args.phase == "all":
+            raise SystemExit("rlhf-engine demo: --steps sets the steps of the phase chosen with --phase sft|rm|ppo; "
+                             "with every phase use --sft-steps, --rm-steps and --ppo-iterations")
+        steps[{"sft": "sft_steps", "rm": "rm_steps", "ppo": "ppo_iterations"}[args.phase]] = args.steps
+    summary = run_demo(args.out, **steps, preference_prompts=args.preference_prompts, seed=args.seed, algo=args.algo,
+                       phase=args.phase, progress=not args.no_progress)
     print_summary(summary, args.out)
     return 0
 
@@ -86,8 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline on the embedded task (tiny model, nothing downloaded)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps (default: 300)")
-    demo.add_argument("--rm-steps", type=int, default=150, help="reward-model optimizer steps (default: 150)")
-    demo.add_argument("--ppo-iterations", type=int, default=20, help="PPO iterations (default: 20)")
+    demo.add_argument("--rm-steps", type=int, default=300, help="reward-model optimizer steps (default: 300)")
+    demo.add_argument("--ppo-iterations", type=int, default=40, help="PPO iterations (default: 40)")
+    demo.add_argument("--preference-prompts", type=int, default=2000,
+                      help="prompts whose two SFT samples the annotator labels (default: 2000)")
+    demo.add_argument("--phase", choices=("all", "sft", "rm", "ppo"), default="all",
+                      help="run one phase, reusing the earlier phases' outputs in --out (default: all)")
+    demo.add_argument("--steps", type=int, default=None, help="steps (iterations for ppo) of the --phase chosen")
+    demo.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default="ppo",
+                      help="RL algorithm of the last phase: ppo (critic) or the critic-free grpo / rloo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

@@ -20,6 +20,7 @@ from rlhf_engine.demo import task
 from rlhf_engine.demo.tokenizer import build_byte_tokenizer
 from rlhf_engine.metrics import read_metrics
 from rlhf_engine.models import load_causal_lm
+from rlhf_engine.models.heads import CausalLMLogprobs
 from rlhf_engine.trainers.common import Trainer
 from rlhf_engine.trainers.dpo import DPOConfig, dpo_loss, evaluate_dpo, train_dpo
 from rlhf_engine.trainers.sft import SFTConfig, sft_loss
@@ -69,10 +70,10 @@ def test_grad_accumulation_is_the_mean_over_all_tokens(tokenizer, model_dir):
     def grads(micro, accum):
         model = load_causal_lm(model_dir)
         config = SFTConfig(steps=1, batch_size=8, grad_accum=accum, lr=1.0, warmup_steps=0, max_grad_norm=1e9)
-        trainer = Trainer(config, "sft", model.parameters(), progress=False)
-        queue, kept = list(micro), []
+        trainer = Trainer(config, "sft", CausalLMLogprobs(model), progress=False)
+        kept = []
         trainer.optimizer.zero_grad = lambda set_to_none=True: kept.extend(p.grad.clone() for p in model.parameters())
-        row = trainer._one_step(lambda rng: queue.pop(0), lambda b: {"loss": sft_loss(model, b)[0]},
+        row = trainer._one_step(list(micro), lambda b: {"loss": sft_loss(trainer.module, b)[0]},
                                 lambda b: int((b.labels[:, 1:] != IGNORE_INDEX).sum()), "tokens")
         return kept, row
 
@@ -141,14 +142,14 @@ def test_nonfinite_steps_are_skipped_then_abort(model_dir):
     model = load_causal_lm(model_dir)
     before = [p.detach().clone() for p in model.parameters()]
     config = SFTConfig(steps=5, lr=1e-2, max_skipped_steps=3)
-    trainer = Trainer(config, "sft", model.parameters(), progress=False)
+    trainer = Trainer(config, "sft", CausalLMLogprobs(model), progress=False)
     bad = lambda batch: {"loss": sum(p.sum() for p in model.parameters()) * float("inf")}  # noqa: E731
     with pytest.raises(FloatingPointError, match="3 steps in a row"):
-        trainer.fit(lambda rng: None, bad, lambda b: 1)
+        trainer.fit(lambda rng: [None], lambda items: None, bad, lambda b: 1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    strict = Trainer(SFTConfig(steps=2, skip_nonfinite=False), "sft", model.parameters(), progress=False)
+    strict = Trainer(SFTConfig(steps=2, skip_nonfinite=False), "sft", CausalLMLogprobs(model), progress=False)
     with pytest.raises(FloatingPointError, match="skip_nonfinite"):
-        strict.fit(lambda rng: None, bad, lambda b: 1)
+        strict.fit(lambda rng: [None], lambda items: None, bad, lambda b: 1)
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, model_dir):
@@ -258,3 +259,14 @@ def test_sigkill_then_resume_reproduces_the_metrics(tmp_path, model_dir, data_fi
     assert [r["step"] for r in resumed] == list(range(120))
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in resumed] == [(r["loss"], r["grad_norm"], r["lr"])
                                                                        for r in whole]
+
+
+@pytest.mark.parametrize("phase", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_example_configs_load(phase):
+    """The YAML files the README points at stay valid as config fields change."""
+    from rlhf_engine.cli import _config_class
+    from rlhf_engine.config import load_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", f"{phase}.yaml")
+    config = load_config(_config_class(phase), path)
+    config.require("model", "data", "output_dir")

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from rlhf_engine.cli import main
 from rlhf_engine.data.sft import IGNORE_INDEX, collate_sft, encode_sft
 from rlhf_engine.demo import task
 from rlhf_engine.demo.run import run_demo
@@ -58,12 +59,22 @@ def test_sft_config_rejects_bad_values():
         SFTConfig(lr=0.0)
 
 
-def test_demo_runs_every_phase(tmp_path):
-    out = str(tmp_path / "demo")
-    summary = run_demo(out, sft_steps=40, rm_steps=5, ppo_iterations=2, preference_prompts=48, progress=False)
-    assert summary["sft_loss_final"] < 3.0  # from about 5.5 at initialisation, after 40 steps
-    names = ["summary.json", "curves.png", "preferences.jsonl", "sft/config.json", "tokenizer/tokenizer.json",
-             "reward_model/scalar_head.safetensors", "ppo/config.json"]
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo at its default settings (about 1.5 min on 2 cores), seed 0."""
+    out = str(tmp_path_factory.mktemp("demo") / "run")
+    return out, run_demo(out, seed=0, progress=False)
+
+
+def test_demo_improves_the_gold_score(demo_run):
+    """The point of the pipeline: PPO against the learned reward model raises the annotator's (gold) score of
+    the policy on held-out prompts by a clear margin (0.10 to 0.12 over seeds 0-2, README)."""
+    out, summary = demo_run
+    assert summary["gold_after"] > summary["gold_before"] + 0.05, summary
+    assert summary["rm_accuracy"] > 0.75 and summary["sft_loss_final"] < 0.3
+    names = ["summary.json", "curves.png", "preferences.jsonl", "sft.jsonl", "prompts.jsonl", "sft/config.json",
+             "sft/tokenizer.json", "tokenizer/tokenizer.json", "reward_model/scalar_head.safetensors",
+             "ppo/config.json"]
     names += [f"{phase}_metrics.jsonl" for phase in ("sft", "reward_model", "ppo")]
     for name in names:
         assert os.path.exists(os.path.join(out, name)), name
@@ -72,9 +83,22 @@ def test_demo_runs_every_phase(tmp_path):
     for key in ("sft_loss_final", "rm_accuracy", "gold_before", "gold_after", "proxy_before", "proxy_after",
                 "kl_final"):
         assert isinstance(saved[key], float), key
-    assert set(saved["seconds"]) >= {"sft", "reward_model", "ppo"}
+    assert set(saved["seconds"]) >= {"sft", "reward_model", "ppo"} and len(saved["samples"]) == 3
     reloaded = load_causal_lm(os.path.join(out, "ppo"))
     assert reloaded.config.vocab_size == len(load_tokenizer(os.path.join(out, "tokenizer")))
+
+
+def test_demo_phase_flags_reuse_earlier_outputs(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    assert main(["demo", "--out", out, "--phase", "ppo", "--algo", "grpo", "--steps", "2", "--no-progress"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["algo"] == "grpo" and "rm_accuracy" in summary  # earlier phases' results kept
+    assert os.path.exists(os.path.join(out, "grpo_metrics.jsonl")) and "GRPO policy" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="run the earlier phases first"):
+        run_demo(str(tmp_path / "empty"), phase="rm", progress=False)
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path), "--steps", "3"])  # --steps needs one --phase
 
 
 def test_loader_errors_name_the_path(tmp_path):

@@ -9,6 +9,8 @@ import os
 import torch
 from torch import nn
 
+from rlhf_engine.ops import linear_logprobs
+
 HEAD_FILE = "scalar_head.safetensors"
 HEAD_CONFIG = "scalar_head.json"
 
@@ -22,6 +24,37 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over the real tokens of each row, so left padding does not shift positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _strip(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+class CausalLMLogprobs(nn.Module):
+    """A transformers causal LM whose forward returns per-token log-probs through ``linear_logprobs``.
+
+    The unit the trainers hand to FSDP/DDP: one forward covers the body and the LM head, so sharded parameters
+    are gathered (and their gradients reduced) by the wrapper's hooks, and the [B, T, V] logits never exist.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, targets, *, position_ids=None, temperature: float = 1.0,
+                return_entropy: bool = False):
+        """log-probs [B, T-1] of ``targets`` [B, T-1] (position t predicts token t + 1); -100 targets give 0."""
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False)
+        head = self.lm.get_output_embeddings()
+        return linear_logprobs(out.last_hidden_state[:, :-1], head.weight, targets, bias=head.bias,
+                               temperature=temperature, return_entropy=return_entropy)
+
+    def save_pretrained(self, path: str, state_dict: dict | None = None) -> None:
+        if state_dict is None:
+            self.lm.save_pretrained(path)
+        else:
+            self.lm.save_pretrained(path, state_dict=_strip(state_dict, "lm."))
 
 
 class ScalarHeadModel(nn.Module):
@@ -44,6 +77,10 @@ class ScalarHeadModel(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token values [B, T] (what FSDP/DDP wrap: training calls the module, not ``values``)."""
+        return self.values(input_ids, attention_mask)
+
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-token scalar [B, T], fp32."""
         out = self.lm.base_model(
@@ -56,12 +93,19 @@ class ScalarHeadModel(nn.Module):
         values = self.values(input_ids, attention_mask)
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, state_dict: dict | None = None) -> None:
+        """The LM as a HF directory plus the head; ``state_dict`` (of this module) replaces the live weights, as
+        when a sharded model's full state was gathered first."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        self.lm.save_pretrained(path)
-        tensors = {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
+        if state_dict is None:
+            self.lm.save_pretrained(path)
+            head_state = self.head.state_dict()
+        else:
+            self.lm.save_pretrained(path, state_dict=_strip(state_dict, "lm."))
+            head_state = _strip(state_dict, "head.")
+        tensors = {k: v.detach().contiguous() for k, v in head_state.items()}
         save_file(tensors, os.path.join(path, HEAD_FILE))
         with open(os.path.join(path, HEAD_CONFIG), "w") as f:
             json.dump({"in_features": self.head.in_features, "kind": "scalar_head"}, f)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
+from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -66,14 +67,20 @@ class TrainConfig:
     save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
     save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
     resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
+    stop_after_steps: int = option(0, "end this process after this many steps, checkpoint written (to split a run "
+                                      "over jobs with a time limit; continue with resume); 0: run to the end")
     tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
+    strategy: str = option("auto", "data parallelism under torchrun: fsdp (FSDP2) | ddp | none | auto (fsdp with "
+                                    "more than one process)")
 
     def __post_init__(self):
         cls = type(self).__name__
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"{cls}.strategy must be one of {list(STRATEGIES)}, found {self.strategy!r}")
         for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "save_total_limit",
                      "max_skipped_steps"):
             _positive_int(cls, name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "stop_after_steps"):
             _positive_int(cls, name, getattr(self, name), minimum=0)
         if not self.lr > 0:
             raise ValueError(f"{cls}.lr must be > 0, found {self.lr!r}")
@@ -140,55 +147,73 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
 
 
 class Trainer:
-    """The loop shared by the offline phases. ``models`` are what checkpoints save (name -> save_pretrained)."""
+    """The loop shared by the offline phases.
 
-    def __init__(self, config: TrainConfig, phase: str, params, *, models: dict | None = None, tokenizer=None,
-                 device: torch.device | None = None, progress: bool = True):
+    ``module`` is the trained root (a ``CausalLMLogprobs`` or ``ScalarHeadModel``); with ``dist`` it is sharded
+    (FSDP2) or replicated (DDP) here, and every forward in ``loss_fn`` must go through ``trainer.module``.
+    ``save_as`` names the model directory inside each checkpoint.
+    """
+
+    def __init__(self, config: TrainConfig, phase: str, module: torch.nn.Module, *, save_as: str = "policy",
+                 tokenizer=None, dist: DistInfo | None = None, progress: bool = True):
         self.config = config
         self.phase = phase
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
+        self.dist = dist or DistInfo()
+        self.root = module
+        if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"{phase}: the model has no trainable parameters")
-        self.models = models or {}
+        self.device = next(module.parameters()).device
+        self.module = wrap(module, self.dist)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.save_as = save_as
         self.tokenizer = tokenizer
-        self.device = device or self.params[0].device
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
                                            betas=tuple(config.adam_betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
-        self.rng = random.Random(config.seed)
+        self.rng = random.Random(config.seed)  # the same on every rank: every rank draws the same global batch
         self.step = 0
         self.skipped_in_a_row = 0
 
     # -- state ---------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "step": self.step,
-                "skipped_in_a_row": self.skipped_in_a_row}
+    def state_dict(self) -> tuple[dict, dict]:
+        """``(model_state, trainer_state)``, both full (unsharded) and keyed by name; a collective call."""
+        model_state, optim_state = full_state(self.module, self.optimizer)
+        return model_state, {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                             "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "step": self.step,
+                             "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.dist.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Optimizer, schedule, sampler and RNG state (the weights were loaded into the model before wrapping)."""
+        load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
 
-    def save(self) -> str:
-        return save_checkpoint(self.config.output_dir, self.step, models=self.models, state=self.state_dict(),
-                               meta={"phase": self.phase}, keep=self.config.save_total_limit,
-                               tokenizer=self.tokenizer)
+    def save(self) -> str | None:
+        model_state, state = self.state_dict()
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.config.output_dir, self.step,
+                                   models={self.save_as: SavesState(self.root, model_state)}, state=state,
+                                   meta={"phase": self.phase, "world_size": self.dist.world_size},
+                                   keep=self.config.save_total_limit, tokenizer=self.tokenizer)
+        self.dist.barrier()
+        return path
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def fit(self, sample_batch, loss_fn, weight_fn, *, evaluate=None, resume_from: str | None = None,
+    def fit(self, sample, collate, loss_fn, weight_fn, *, evaluate=None, resume_from: str | None = None,
             on_step=None, weight_name: str = "examples") -> list[dict]:
         """Runs to ``config.steps``; returns the metrics rows (those of this process, after any resume).
 
-        sample_batch(rng) -> batch; loss_fn(batch) -> dict of sums, "loss" with grad; weight_fn(batch) -> count;
-        evaluate() -> dict of held-out metrics (optional).
+        sample(rng) -> the global micro-batch as a list (every rank draws the same one); collate(this rank's
+        share of it) -> batch; loss_fn(batch) -> dict of sums over the batch ("loss" with grad);
+        weight_fn(batch) -> the count those sums are over; evaluate() -> dict of held-out metrics (optional).
         """
         from tqdm.auto import tqdm
 
@@ -197,15 +222,17 @@ class Trainer:
             _, state = load_checkpoint_state(resume_from)
             self.load_state_dict(state)
         logger = None
-        if cfg.output_dir:
+        if cfg.output_dir and self.dist.is_main:
             tb = os.path.join(cfg.output_dir, "tensorboard") if cfg.tensorboard else None
             logger = MetricsLogger(os.path.join(cfg.output_dir, METRICS_FILE),
                                    resume_step=self.step if resume_from else None, tensorboard_dir=tb)
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.phase, disable=not self.progress, dynamic_ncols=True)
+        end = min(cfg.steps, self.step + cfg.stop_after_steps) if cfg.stop_after_steps else cfg.steps
         try:
-            while self.step < cfg.steps:
-                row = self._one_step(sample_batch, loss_fn, weight_fn, weight_name)
+            while self.step < end:
+                micro = [collate(self.dist.shard(sample(self.rng))) for _ in range(cfg.grad_accum)]
+                row = self._one_step(micro, loss_fn, weight_fn, weight_name)
                 self.step += 1
                 last = self.step == cfg.steps
                 if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
@@ -218,7 +245,7 @@ class Trainer:
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "accuracy") if k in row})
                 if on_step is not None:
                     on_step(row)
-                if cfg.output_dir and ((cfg.save_every and self.step % cfg.save_every == 0) or last):
+                if cfg.output_dir and ((cfg.save_every and self.step % cfg.save_every == 0) or self.step == end):
                     self.save()
         finally:
             bar.close()
@@ -226,24 +253,27 @@ class Trainer:
                 logger.close()
         return history
 
-    def _one_step(self, sample_batch, loss_fn, weight_fn, weight_name: str) -> dict:
+    def _one_step(self, micro: list, loss_fn, weight_fn, weight_name: str) -> dict:
         cfg = self.config
-        micro = [sample_batch(self.rng) for _ in range(cfg.grad_accum)]
-        total = sum(weight_fn(b) for b in micro)
+        world = self.dist.world_size
+        (total,) = self.dist.all_reduce([sum(weight_fn(b) for b in micro)])
         sums: dict[str, float] = {}
         finite = True
         for batch in micro:
             with self.autocast():
                 out = loss_fn(batch)
-            loss = out["loss"] / max(total, 1)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
+            # NOTE: DDP/FSDP average gradients over ranks, hence the factor world: the result is the gradient of
+            # (sum over every rank's tokens) / (global count), whatever the world size.
+            loss = out["loss"] * (world / max(total, 1))
+            finite = finite and bool(torch.isfinite(loss))
+            loss.backward()  # even when not finite: every rank must join the gradient reduction
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite else torch.tensor(0.0)
-        finite = finite and bool(torch.isfinite(grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        keys = sorted(sums)
+        *reduced, n_finite = self.dist.all_reduce([sums[k] for k in keys] + [float(finite)])
+        finite = n_finite == world and math.isfinite(grad_norm)
         row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0]}
         if finite:
             self.optimizer.step()
@@ -261,8 +291,8 @@ class Trainer:
         with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
-        row.update({k: v / max(total, 1) for k, v in sums.items()})
-        row.update({"grad_norm": float(grad_norm), weight_name: total})
+        row.update({k: v / max(total, 1) for k, v in zip(keys, reduced, strict=True)})
+        row.update({"grad_norm": grad_norm, weight_name: int(total)})
         return row
 
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch
-from rlhf_engine.ops import linear_logprobs
+from rlhf_engine.distributed import DistInfo
+from rlhf_engine.models.heads import CausalLMLogprobs
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 from rlhf_engine.trainers.reward import pair_batch
 
@@ -48,13 +49,12 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), found {self.label_smoothing!r}")
 
 
-def sequence_logprobs(model, batch: SFTBatch, *, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) of the response tokens' log-probs of each row [B], fp32."""
-    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    head = model.get_output_embeddings()
+def sequence_logprobs(module, batch: SFTBatch, *, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of the response tokens' log-probs of each row [B], fp32; ``module`` as in ``sft_loss``."""
+    if hasattr(module, "get_output_embeddings"):
+        module = CausalLMLogprobs(module)
     targets = batch.labels[:, 1:]
-    logp = linear_logprobs(out.last_hidden_state[:, :-1], head.weight, targets, bias=head.bias)
-    total = logp.sum(-1)
+    total = module(batch.input_ids, batch.attention_mask, targets).sum(-1)
     return total / (targets != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
 
 
@@ -83,22 +83,22 @@ def _dpo_sums(policy, reference, batch: SFTBatch, config: DPOConfig) -> dict:
 
 
 def train_dpo(policy, tokenizer, pairs, config: DPOConfig, *, reference=None, progress: bool = True, on_step=None,
-              eval_pairs=None, resume_from: str | None = None) -> list[dict]:
-    """Trains ``policy`` in place on preference pairs; ``reference`` defaults to a frozen copy of it."""
+              eval_pairs=None, resume_from: str | None = None, dist: DistInfo | None = None) -> list[dict]:
+    """Trains ``policy`` in place on preference pairs; ``reference`` (replicated on every rank, frozen) defaults
+    to a frozen copy of the policy as it starts."""
     if not pairs:
         raise ValueError("train_dpo: pairs is empty")
     device = next(policy.parameters()).device
     reference = (reference if reference is not None else copy.deepcopy(policy)).eval().requires_grad_(False)
 
-    def sample(rng):
-        batch, _ = pair_batch(tokenizer, rng.sample(pairs, min(config.batch_size, len(pairs))), config.max_length)
-        return move(batch, device)
+    def collate(chunk):
+        return move(pair_batch(tokenizer, chunk, config.max_length)[0], device)
 
-    trainer = Trainer(config, "dpo", policy.parameters(), models={"policy": policy}, tokenizer=tokenizer,
-                      device=device, progress=progress)
-    evaluate = (lambda: evaluate_dpo(policy, reference, tokenizer, eval_pairs, config)) if eval_pairs else None
+    trainer = Trainer(config, "dpo", CausalLMLogprobs(policy), tokenizer=tokenizer, dist=dist, progress=progress)
+    evaluate = (lambda: evaluate_dpo(trainer.module, reference, tokenizer, eval_pairs, config)) if eval_pairs else None
     policy.train()
-    return trainer.fit(sample, lambda b: _dpo_sums(policy, reference, b, config), lambda b: b.input_ids.shape[0] // 2,
+    return trainer.fit(lambda rng: rng.sample(pairs, min(config.batch_size, len(pairs))), collate,
+                       lambda b: _dpo_sums(trainer.module, reference, b, config), lambda b: b.input_ids.shape[0] // 2,
                        evaluate=evaluate, resume_from=resume_from, on_step=on_step, weight_name="pairs")
 
 

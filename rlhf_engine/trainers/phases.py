@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from rlhf_engine.checkpoint import save_model_atomic
+from rlhf_engine.checkpoint import copy_model_atomic, latest_checkpoint
 from rlhf_engine.config import config_to_dict
 from rlhf_engine.data.jsonl import read_jsonl
+from rlhf_engine.distributed import DistInfo, init_distributed, local_device
 from rlhf_engine.metrics import METRICS_FILE, fmt, format_table, plot_curves, read_metrics
 from rlhf_engine.models import load_causal_lm, load_tokenizer
 from rlhf_engine.models.heads import ScalarHeadModel
@@ -27,19 +28,29 @@ from rlhf_engine.trainers.common import resolve_device, resume_checkpoint
 MODEL_DIR = "model"
 
 
-def _start(config, phase: str) -> tuple[torch.device, str | None]:
+def _start(config, phase: str) -> tuple[torch.device, str | None, DistInfo]:
     config.require("model", "data", "output_dir")
-    device = resolve_device(config.device)
+    device = local_device(resolve_device(config.device))
+    dist = init_distributed(config.strategy, device)
     resume = resume_checkpoint(config)
-    os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, f"{phase}_config.json"), "w") as f:
-        json.dump(config_to_dict(config), f, indent=1)
-    torch.manual_seed(config.seed)
-    return device, resume
+    dist.barrier()  # every rank has looked for checkpoints before rank 0 can write one
+    if dist.is_main:
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, f"{phase}_config.json"), "w") as f:
+            json.dump({**config_to_dict(config), "world_size": dist.world_size, "strategy": dist.strategy}, f,
+                      indent=1)
+    torch.manual_seed(config.seed)  # the same on every rank: new heads start identical everywhere
+    return device, resume, dist
 
 
-def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float) -> dict:
-    """Summary of the whole run (metrics.jsonl holds the rows from before a resume too)."""
+def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, dist: DistInfo,
+            saved: str = "policy") -> dict:
+    """The final model (the last checkpoint's, already gathered whole) and the summary of the whole run
+    (metrics.jsonl holds the rows from before a resume too); rank 0 only."""
+    if not dist.is_main:
+        return {}
+    last_checkpoint = latest_checkpoint(config.output_dir)
+    copy_model_atomic(os.path.join(last_checkpoint, saved), os.path.join(config.output_dir, MODEL_DIR))
     history = read_metrics(os.path.join(config.output_dir, METRICS_FILE))
     keys = keys + sorted({k for r in history for k in r if k.startswith("eval_")})
     last = history[-1] if history else {}
@@ -57,52 +68,49 @@ def run_sft(config, *, progress: bool = True) -> dict:
     from rlhf_engine.trainers.sft import train_sft
 
     t0 = time.perf_counter()
-    device, resume = _start(config, "sft")
+    device, resume, dist = _start(config, "sft")
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
                            device=device)
     records = read_jsonl(config.data, "sft")
     eval_records = read_jsonl(config.eval_data, "sft") if config.eval_data else None
-    train_sft(model, tokenizer, records, config, progress=progress, eval_examples=eval_records,
-                        resume_from=resume)
-    _save_final(model, tokenizer, config)
+    train_sft(model, tokenizer, records, config, progress=progress, eval_examples=eval_records, resume_from=resume,
+              dist=dist)
     return _finish(config, "sft", ["loss", "grad_norm", "lr"],
-                   {"examples": len(records)}, time.perf_counter() - t0)
+                   {"examples": len(records)}, time.perf_counter() - t0, dist)
 
 
 def run_reward(config, *, progress: bool = True) -> dict:
     from rlhf_engine.trainers.reward import train_reward_model
 
     t0 = time.perf_counter()
-    device, resume = _start(config, "reward")
+    device, resume, dist = _start(config, "reward")
     tokenizer = load_tokenizer(config.model)
     source = os.path.join(resume, "reward_model") if resume else config.model
     model = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
     pairs = read_jsonl(config.data, "preferences")
     eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
-    train_reward_model(model, tokenizer, pairs, config, progress=progress, eval_pairs=eval_pairs,
-                                 resume_from=resume)
-    _save_final(model, tokenizer, config)
+    train_reward_model(model, tokenizer, pairs, config, progress=progress, eval_pairs=eval_pairs, resume_from=resume,
+                       dist=dist)
     return _finish(config, "reward", ["loss", "accuracy", "reward_margin"],
-                   {"pairs": len(pairs)}, time.perf_counter() - t0)
+                   {"pairs": len(pairs)}, time.perf_counter() - t0, dist, "reward_model")
 
 
 def run_dpo(config, *, progress: bool = True) -> dict:
     from rlhf_engine.trainers.dpo import train_dpo
 
     t0 = time.perf_counter()
-    device, resume = _start(config, "dpo")
+    device, resume, dist = _start(config, "dpo")
     tokenizer = load_tokenizer(config.model)
     policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
                             device=device)
     reference = load_causal_lm(config.ref_model or config.model, dtype=config.dtype, device=device)
     pairs = read_jsonl(config.data, "preferences")
     eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
-    train_dpo(policy, tokenizer, pairs, config, reference=reference, progress=progress,
-                        eval_pairs=eval_pairs, resume_from=resume)
-    _save_final(policy, tokenizer, config)
+    train_dpo(policy, tokenizer, pairs, config, reference=reference, progress=progress, eval_pairs=eval_pairs,
+              resume_from=resume, dist=dist)
     return _finish(config, "dpo", ["loss", "accuracy", "reward_margin"],
-                   {"pairs": len(pairs)}, time.perf_counter() - t0)
+                   {"pairs": len(pairs)}, time.perf_counter() - t0, dist)
 
 
 def load_reward_fn(spec: str):
@@ -128,7 +136,7 @@ def run_ppo(config, *, progress: bool = True) -> dict:
     from rlhf_engine.trainers.ppo import PPOTrainer
 
     t0 = time.perf_counter()
-    device, resume = _start(config, config.algorithm)
+    device, resume, dist = _start(config, config.algorithm)
     tokenizer = load_tokenizer(config.model)
     policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
                             device=device)
@@ -145,12 +153,9 @@ def run_ppo(config, *, progress: bool = True) -> dict:
         critic = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
     prompts = [r.prompt for r in read_jsonl(config.data, "prompts")]
     trainer = PPOTrainer(policy, tokenizer, config, reward_model=reward_model, reward_fn=reward_fn, critic=critic,
-                         reference=reference)
+                         reference=reference, dist=dist)
     trainer.train(prompts, progress=progress, resume_from=resume)
-    _save_final(policy, tokenizer, config)
     keys = ["reward_mean", "kl", "policy_loss", "entropy", "response_length", "value_loss"]
-    return _finish(config, config.algorithm, keys, {"prompts": len(prompts)}, time.perf_counter() - t0)
+    return _finish(config, config.algorithm, keys, {"prompts": len(prompts)}, time.perf_counter() - t0, dist)
 
 
-def _save_final(model, tokenizer, config) -> None:
-    save_model_atomic(os.path.join(config.output_dir, MODEL_DIR), model, tokenizer)

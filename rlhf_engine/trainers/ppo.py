@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_engine.checkpoint import load_checkpoint_state, save_checkpoint
+from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, gathered, load_optimizer_state, wrap
 from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
-from rlhf_engine.models.heads import ScalarHeadModel, position_ids_for
+from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel, position_ids_for
 from rlhf_engine.ops import (
     gae,
     group_advantages,
     kl_penalty,
-    linear_logprobs,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
@@ -89,8 +89,12 @@ class PPOConfig:
     save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
     resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
     tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
+    strategy: str = option("auto", "data parallelism under torchrun: fsdp (FSDP2) | ddp | none | auto (fsdp with "
+                                    "more than one process)")
 
     def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"PPOConfig.strategy must be one of {list(STRATEGIES)}, found {self.strategy!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"PPOConfig.algorithm must be one of {list(ALGORITHMS)}, found {self.algorithm!r}")
         if self.algorithm in ("grpo", "rloo") and self.n_samples < 2:
@@ -114,6 +118,11 @@ class PPOConfig:
                              "('module:function')")
 
 
+def _norm(value) -> float:
+    """A gradient norm as a float (under FSDP it is a replicated DTensor)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
 def _nonfinite(name: str, value: torch.Tensor, iteration: int) -> None:
     if not torch.isfinite(value).all():
         raise FloatingPointError(f"iteration {iteration}: {name} is not finite; lower lr or check the reward")
@@ -123,7 +132,7 @@ class PPOTrainer:
     """Holds the policy (trained in place), the frozen reference, the critic (PPO) and the rollout engine."""
 
     def __init__(self, policy, tokenizer, config: PPOConfig, *, reward_model=None, reward_fn=None, critic=None,
-                 reference=None):
+                 reference=None, dist: DistInfo | None = None):
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("PPOTrainer: pass exactly one of reward_model (a ScalarHeadModel) or reward_fn")
         self.config = config
@@ -139,9 +148,22 @@ class PPOTrainer:
                 critic = ScalarHeadModel(copy.deepcopy(reward_model.lm if reward_model is not None else policy))
                 if reward_model is not None:
                     critic.head.load_state_dict(reward_model.head.state_dict())
+        # the trained roots: FSDP-sharded or DDP-replicated under torchrun (the reference and reward model are
+        # frozen and replicated); every training forward goes through these modules
+        self.dist = dist or DistInfo()
+        world = self.dist.world_size
+        if config.prompts_per_iteration % world or config.minibatch_size % world:
+            raise ValueError(f"PPOConfig.prompts_per_iteration ({config.prompts_per_iteration}) and minibatch_size "
+                             f"({config.minibatch_size}) must be multiples of the world size {world}")
+        self.policy_module = wrap(CausalLMLogprobs(policy), self.dist)
+        self.critic_module = None
+        if critic is not None:
             self.critic = critic
-            self.critic_optimizer = torch.optim.AdamW(critic.trainable_parameters(), lr=config.critic_lr)
-        self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr)
+            self.critic_module = wrap(critic, self.dist)
+            self.critic_optimizer = torch.optim.AdamW(
+                [p for p in self.critic_module.parameters() if p.requires_grad], lr=config.critic_lr)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy_module.parameters() if p.requires_grad],
+                                           lr=config.lr)
         self.engine = RolloutEngine(policy)
         self.kl_reward_coef = config.kl_reward_coef
         self.rng = random.Random(config.seed)
@@ -153,13 +175,33 @@ class PPOTrainer:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(self.config.max_prompt_length - 1) :]
         return ([self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []) + ids
 
-    def _logprobs(self, model, input_ids, attention_mask, targets, *, entropy=False):
-        """log-probs (and entropy) of ``targets`` [B, L-1] under ``model`` at the sampling temperature."""
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids_for(attention_mask))
-        head = model.get_output_embeddings()
-        return linear_logprobs(out.last_hidden_state[:, :-1], head.weight, targets, bias=head.bias,
-                               temperature=self.config.temperature, return_entropy=entropy)
+    def _logprobs(self, module, input_ids, attention_mask, targets, *, entropy=False):
+        """log-probs (and entropy) of ``targets`` [B, L-1] under ``module`` (a CausalLMLogprobs, possibly
+        wrapped, or a plain causal LM) at the sampling temperature."""
+        if hasattr(module, "get_output_embeddings"):
+            module = CausalLMLogprobs(module)
+        return module(input_ids, attention_mask, targets, position_ids=position_ids_for(attention_mask),
+                      temperature=self.config.temperature, return_entropy=entropy)
+
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``masked_whiten`` over the global batch: mean and (unbiased) variance from every rank's tokens."""
+        if not self.dist.enabled:
+            return masked_whiten(values, mask)
+        m = mask.float()
+        total, count = self.dist.all_reduce([float((values * m).sum()), float(m.sum())])
+        mean = total / max(count, 1.0)
+        (sq,) = self.dist.all_reduce([float((((values - mean) ** 2) * m).sum())])
+        var = sq / max(count - 1.0, 1.0)
+        return torch.where(m != 0, (values - mean) * (var + 1e-8) ** -0.5, 0.0)
+
+    def _global_scale(self, mask: torch.Tensor, agg: str) -> float:
+        """Factor turning this rank's aggregated loss into its share of the global batch's (see distributed.py):
+        local count * world / global count, with count = tokens (token-mean) or sequences (seq-mean-*)."""
+        if not self.dist.enabled:
+            return 1.0
+        local = float(mask.sum()) if agg == "token-mean" else float((mask.sum(-1) > 0).sum())
+        (total,) = self.dist.all_reduce([local])
+        return local * self.dist.world_size / max(total, 1.0)
 
     def _scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         if self.reward_fn is not None:
@@ -178,12 +220,14 @@ class PPOTrainer:
         """Generates, scores and prepares one iteration's batch (everything the update needs)."""
         cfg = self.config
         t0 = time.perf_counter()
+        prompts = self.dist.shard(prompts)  # each rank generates for its own prompts
         prompt_ids = [self._encode_prompt(p) for p in prompts]
         eos = self.tokenizer.eos_token_id
         params = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop_token_ids=(eos,) if eos is not None else (),
                                 seed=self.rng.randrange(2**31))
-        outputs = self.engine.generate(prompt_ids, params)
+        with gathered(self.policy_module):  # FSDP: whole parameters for the rollout, freed after
+            outputs = self.engine.generate(prompt_ids, params)
         rollout_seconds = time.perf_counter() - t0
         rows, texts_p, texts_r = [], [], []
         for prompt, out in zip(prompts, outputs, strict=True):
@@ -208,7 +252,7 @@ class PPOTrainer:
         mask = targets != -100
         device = next(self.policy.parameters()).device
         input_ids, attention_mask, targets = input_ids.to(device), attention_mask.to(device), targets.to(device)
-        old_logp = self._logprobs(self.policy, input_ids, attention_mask, targets)
+        old_logp = self._logprobs(self.policy_module, input_ids, attention_mask, targets)
         ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets)
         scores = self._scores(texts_p, texts_r).to(device)
         _nonfinite("reward", scores, self.iteration)
@@ -217,7 +261,7 @@ class PPOTrainer:
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask,
                      old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp)
         if cfg.algorithm == "ppo":
-            values = self.critic.values(input_ids, attention_mask)[:, :-1] * mask
+            values = self.critic_module(input_ids, attention_mask)[:, :-1] * mask
             rewards = torch.zeros_like(old_logp)
             rewards[torch.arange(b, device=device), last] = scores
             if cfg.kl_in_reward:
@@ -228,7 +272,7 @@ class PPOTrainer:
             group = group_advantages(scores, cfg.n_samples, kind=cfg.algorithm)
             advantages = group[:, None].expand_as(old_logp) * mask
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = self._whiten(advantages, mask)
         batch["advantages"] = advantages
         seq_kl = (kl.sum(-1)).mean()
         stats = {
@@ -240,21 +284,38 @@ class PPOTrainer:
             "rollout_seconds": rollout_seconds,
             "tokens_per_s": self.engine.stats["decode_tokens"] / max(rollout_seconds, 1e-9),
         }
-        return {"batch": batch, "stats": stats, "responses": texts_r, "prompts": texts_p, "scores": scores}
+        return {"batch": batch, "stats": self._reduce(stats), "responses": texts_r, "prompts": texts_p,
+                "scores": scores}
+
+    def _reduce(self, stats: dict) -> dict:
+        """Means over ranks (every rank holds the same number of samples), sums for rates, max for maxima."""
+        if not self.dist.enabled:
+            return stats
+        keys = sorted(stats)
+        values = self.dist.all_reduce([float(stats[k]) for k in keys])
+        world = self.dist.world_size
+        out = {k: v if k == "tokens_per_s" else v / world for k, v in zip(keys, values, strict=True)}
+        for key in (k for k in keys if k.endswith("_max")):  # a max over ranks, not a mean
+            t = torch.tensor([float(stats[key])])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            out[key] = float(t)
+        return out
 
     def update(self, batch: dict) -> dict:
         """``ppo_epochs`` passes of minibatches over the policy loss (and the critic's value loss)."""
         cfg = self.config
         b = batch["input_ids"].shape[0]
+        minibatch = cfg.minibatch_size // self.dist.world_size  # this rank's share of each global minibatch
         sums: dict[str, float] = {}
         count = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(b, generator=torch.Generator().manual_seed(self.rng.randrange(2**31)))
-            for start in range(0, b, cfg.minibatch_size):
-                idx = order[start : start + cfg.minibatch_size].to(batch["input_ids"].device)
+            for start in range(0, b, minibatch):
+                idx = order[start : start + minibatch].to(batch["input_ids"].device)
                 mb = {k: v[idx] for k, v in batch.items()}
-                logp, entropy = self._logprobs(self.policy, mb["input_ids"], mb["attention_mask"], mb["targets"],
-                                               entropy=True)
+                scale = self._global_scale(mb["mask"], cfg.agg)
+                logp, entropy = self._logprobs(self.policy_module, mb["input_ids"], mb["attention_mask"],
+                                               mb["targets"], entropy=True)
                 advantages = mb["advantages"]
                 if cfg.tis_cap is not None:
                     weight = torch.exp(mb["old_logp"] - mb["rollout_logp"]).clamp(max=cfg.tis_cap) * mb["mask"]
@@ -268,24 +329,25 @@ class PPOTrainer:
                 total = loss - cfg.entropy_coef * entropy_mean
                 _nonfinite("policy loss", total, self.iteration)
                 self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                _nonfinite("policy grad norm", grad_norm, self.iteration)
+                (total * scale).backward()
+                grad_norm = _norm(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                                                 cfg.max_grad_norm))
+                _nonfinite("policy grad norm", torch.tensor(grad_norm), self.iteration)
                 self.optimizer.step()
                 row = {"policy_loss": loss.item(), "entropy": entropy_mean.item(), "grad_norm": float(grad_norm)}
                 row.update({k: float(v) for k, v in stats.items()})
-                if self.critic is not None:
-                    values = self.critic.values(mb["input_ids"], mb["attention_mask"])[:, :-1]
+                if self.critic_module is not None:
+                    values = self.critic_module(mb["input_ids"], mb["attention_mask"])[:, :-1]
                     vloss, vstats = value_loss(values, mb["values"], mb["returns"], mb["mask"], clip=cfg.vf_clip)
                     self.critic_optimizer.zero_grad(set_to_none=True)
-                    vloss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.critic.trainable_parameters(), cfg.max_grad_norm)
+                    (vloss * self._global_scale(mb["mask"], "token-mean")).backward()
+                    torch.nn.utils.clip_grad_norm_(self.critic_optimizer.param_groups[0]["params"], cfg.max_grad_norm)
                     self.critic_optimizer.step()
                     row.update(value_loss=vloss.item(), vf_clipfrac=float(vstats["clipfrac"]))
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        return {k: v / count for k, v in sums.items()}
+        return self._reduce({k: v / count for k, v in sums.items()})
 
     def step(self, prompts: list[str]) -> dict:
         t0 = time.perf_counter()
@@ -307,32 +369,38 @@ class PPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------------------------
-    def models(self) -> dict:
-        """What a checkpoint saves: the policy and, for PPO, the critic (the reference is the run's ``model``)."""
-        return {"policy": self.policy, **({"critic": self.critic} if self.critic is not None else {})}
-
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(),
-                 "torch_rng": torch.get_rng_state(), "iteration": self.iteration,
-                 "kl_reward_coef": self.kl_reward_coef}
-        if self.critic is not None:
-            state["critic_optimizer"] = self.critic_optimizer.state_dict()
-        return state
+    def state_dict(self) -> tuple[dict, dict]:
+        """``(models, trainer_state)``: full (unsharded) state dicts keyed by name, so a checkpoint loads at any
+        world size; a collective call under torchrun."""
+        policy_state, optim_state = full_state(self.policy_module, self.optimizer)
+        models = {"policy": SavesState(self.policy_module, policy_state)}
+        state = {"optimizer": optim_state, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+                 "iteration": self.iteration, "kl_reward_coef": self.kl_reward_coef}
+        if self.critic_module is not None:
+            critic_state, state["critic_optimizer"] = full_state(self.critic_module, self.critic_optimizer)
+            models["critic"] = SavesState(self.critic_module, critic_state)
+        return models, state
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.critic is not None:
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        """Optimizers, RNG, iteration and KL coefficient (the weights were loaded into the models already)."""
+        load_optimizer_state(self.policy_module, self.optimizer, state["optimizer"])
+        if self.critic_module is not None:
+            load_optimizer_state(self.critic_module, self.critic_optimizer, state["critic_optimizer"])
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.iteration = state["iteration"]
         self.kl_reward_coef = state["kl_reward_coef"]
         self.engine.reset_prefix_cache()
 
-    def save(self) -> str:
-        return save_checkpoint(self.config.output_dir, self.iteration, models=self.models(), state=self.state_dict(),
-                               meta={"phase": self.config.algorithm}, keep=self.config.save_total_limit,
-                               tokenizer=self.tokenizer)
+    def save(self) -> str | None:
+        models, state = self.state_dict()
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.config.output_dir, self.iteration, models=models, state=state,
+                                   meta={"phase": self.config.algorithm, "world_size": self.dist.world_size},
+                                   keep=self.config.save_total_limit, tokenizer=self.tokenizer)
+        self.dist.barrier()
+        return path
 
     def train(self, prompts: list[str], *, progress: bool = True, on_step=None,
               resume_from: str | None = None) -> list[dict]:
@@ -349,13 +417,13 @@ class PPOTrainer:
         if resume_from is not None:
             self.load_state_dict(load_checkpoint_state(resume_from)[1])
         logger = None
-        if cfg.output_dir:
+        if cfg.output_dir and self.dist.is_main:
             tb = os.path.join(cfg.output_dir, "tensorboard") if cfg.tensorboard else None
             logger = MetricsLogger(os.path.join(cfg.output_dir, METRICS_FILE),
                                    resume_step=self.iteration if resume_from else None, tensorboard_dir=tb)
         history = []
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=cfg.algorithm, disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=cfg.algorithm,
+                   disable=not (progress and self.dist.is_main), dynamic_ncols=True)
         try:
             while self.iteration < cfg.iterations:
                 chosen = [self.rng.choice(prompts) for _ in range(cfg.prompts_per_iteration)]

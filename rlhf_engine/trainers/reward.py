@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_engine.data.sft import SFTBatch, collate_sft, encode_sft
+from rlhf_engine.distributed import DistInfo
+from rlhf_engine.models.heads import last_token_index
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 
 LOSSES = ("bt", "margin-ranking")
@@ -52,15 +54,16 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Ten
     return per_pair.mean() if reduction == "mean" else per_pair.sum()
 
 
-def _pairs_loss(model, batch: SFTBatch, margins: torch.Tensor, kind: str) -> dict:
-    chosen, rejected = model.score(batch.input_ids, batch.attention_mask).chunk(2)
+def _pairs_loss(module, batch: SFTBatch, margins: torch.Tensor, kind: str) -> dict:
+    scores = module(batch.input_ids, batch.attention_mask).gather(1, last_token_index(batch.attention_mask)[:, None])
+    chosen, rejected = scores.squeeze(1).chunk(2)
     return {"loss": reward_loss(chosen, rejected, margins, kind, reduction="sum"),
             "accuracy": (chosen > rejected).float().sum().detach(),
             "reward_margin": (chosen - rejected).sum().detach()}
 
 
 def train_reward_model(model, tokenizer, pairs, config: RewardConfig, *, progress: bool = True, on_step=None,
-                       eval_pairs=None, resume_from: str | None = None):
+                       eval_pairs=None, resume_from: str | None = None, dist: DistInfo | None = None):
     """Trains ``model`` (a ScalarHeadModel) in place; returns one metrics dict a step (loss, accuracy, margin)."""
     if not pairs:
         raise ValueError("train_reward_model: pairs is empty")
@@ -70,34 +73,37 @@ def train_reward_model(model, tokenizer, pairs, config: RewardConfig, *, progres
     for p in pairs[:1]:  # a prompt that cannot fit is reported before training starts
         encode_sft(tokenizer, p.prompt, p.chosen, config.max_length)
 
-    def sample(rng):
-        batch, margins = pair_batch(tokenizer, rng.sample(pairs, min(config.batch_size, len(pairs))),
-                                    config.max_length)
+    def collate(chunk):
+        batch, margins = pair_batch(tokenizer, chunk, config.max_length)
         return move(batch, device), margins.to(device)
 
-    trainer = Trainer(config, "reward", model.trainable_parameters(), models={"reward_model": model},
-                      tokenizer=tokenizer, device=device, progress=progress)
-    evaluate = (lambda: evaluate_reward_model(model, tokenizer, eval_pairs, config)) if eval_pairs else None
+    trainer = Trainer(config, "reward", model, save_as="reward_model", tokenizer=tokenizer, dist=dist,
+                      progress=progress)
+    evaluate = (lambda: _evaluate(trainer.module, tokenizer, eval_pairs, config, device)) if eval_pairs else None
     model.train()
-    return trainer.fit(sample, lambda b: _pairs_loss(model, b[0], b[1], config.loss), lambda b: b[1].shape[0],
+    return trainer.fit(lambda rng: rng.sample(pairs, min(config.batch_size, len(pairs))), collate,
+                       lambda b: _pairs_loss(trainer.module, b[0], b[1], config.loss), lambda b: b[1].shape[0],
                        evaluate=evaluate, resume_from=resume_from, on_step=on_step, weight_name="pairs")
 
 
 @torch.no_grad()
-def evaluate_reward_model(model, tokenizer, pairs, config: RewardConfig) -> dict:
-    """Accuracy (chosen scored above rejected), mean margin and loss over ``pairs``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def _evaluate(module, tokenizer, pairs, config: RewardConfig, device) -> dict:
+    was_training = module.training
+    module.eval()
     sums = {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0}
     for start in range(0, len(pairs), config.batch_size):
         batch, margins = pair_batch(tokenizer, pairs[start : start + config.batch_size], config.max_length)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            out = _pairs_loss(model, move(batch, device), margins.to(device), config.loss)
+            out = _pairs_loss(module, move(batch, device), margins.to(device), config.loss)
         for key in sums:
             sums[key] += float(out[key])
-    model.train(was_training)
+    module.train(was_training)
     return {k: v / max(1, len(pairs)) for k, v in sums.items()}
+
+
+def evaluate_reward_model(model, tokenizer, pairs, config: RewardConfig) -> dict:
+    """Accuracy (chosen scored above rejected), mean margin and loss over ``pairs``."""
+    return _evaluate(model, tokenizer, pairs, config, next(model.parameters()).device)
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch, collate_sft, encode_record, pack_sft
-from rlhf_engine.ops import linear_logprobs
+from rlhf_engine.distributed import DistInfo
+from rlhf_engine.models.heads import CausalLMLogprobs
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 
 
@@ -23,14 +24,15 @@ class SFTConfig(TrainConfig):
     packing: bool = option(False, "pack several examples into each row of max_length tokens (no cross-attention)")
 
 
-def sft_loss(model, batch: SFTBatch) -> tuple[torch.Tensor, int]:
-    """Summed NLL over response tokens and their number: ``(loss_sum, n_tokens)``."""
-    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
-    targets = batch.labels[:, 1:]
-    head = model.get_output_embeddings()
-    logp = linear_logprobs(hidden, head.weight, targets, bias=head.bias)
+def sft_loss(module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
+    """Summed NLL over response tokens and their number: ``(loss_sum, n_tokens)``.
+
+    ``module`` is a ``CausalLMLogprobs`` (possibly FSDP/DDP-wrapped) or a plain transformers causal LM.
+    """
+    if hasattr(module, "get_output_embeddings"):
+        module = CausalLMLogprobs(module)
+    targets = batch.labels[:, 1:]  # position t predicts token t + 1
+    logp = module(batch.input_ids, batch.attention_mask, targets, position_ids=batch.position_ids)
     return -logp.sum(), int((targets != IGNORE_INDEX).sum())
 
 
@@ -39,7 +41,8 @@ def _n_tokens(batch: SFTBatch) -> int:
 
 
 class SFTData:
-    """Encoded examples and the batch sampler (plain right-padded rows, or packed rows of ``max_length``)."""
+    """Encoded examples, the sampler of global batches and the collator (right-padded rows, or packed rows of
+    ``max_length``)."""
 
     def __init__(self, tokenizer, records, config: SFTConfig):
         if not records:
@@ -48,10 +51,11 @@ class SFTData:
         self.pad = tokenizer.pad_token_id
         self.config = config
 
-    def sample(self, rng) -> SFTBatch:
+    def sample(self, rng) -> list:
+        """``batch_size`` rows: examples, or with packing lists of examples filling ``max_length`` tokens."""
         cfg = self.config
         if not cfg.packing:
-            return collate_sft(rng.sample(self.encoded, min(cfg.batch_size, len(self.encoded))), self.pad)
+            return rng.sample(self.encoded, min(cfg.batch_size, len(self.encoded)))
         rows, row, used = [], [], 0
         while len(rows) < cfg.batch_size:
             example = self.encoded[rng.randrange(len(self.encoded))]
@@ -60,7 +64,12 @@ class SFTData:
                 row, used = [], 0
             row.append(example)
             used += len(example[0])
-        return pack_sft(rows, self.pad, cfg.max_length)
+        return rows
+
+    def collate(self, rows: list) -> SFTBatch:
+        if self.config.packing:
+            return pack_sft(rows, self.pad, self.config.max_length)
+        return collate_sft(rows, self.pad)
 
     def batches(self, batch_size: int):
         for start in range(0, len(self.encoded), batch_size):
@@ -68,40 +77,39 @@ class SFTData:
 
 
 def train_sft(model, tokenizer, examples, config: SFTConfig, *, progress: bool = True, on_step=None,
-              eval_examples=None, resume_from: str | None = None) -> list[dict]:
+              eval_examples=None, resume_from: str | None = None, dist: DistInfo | None = None) -> list[dict]:
     """Trains ``model`` in place on ``examples`` (SFTRecords or (prompt, response) pairs); one metrics dict a step.
 
-    With ``config.output_dir`` set, metrics.jsonl and checkpoints go there and ``resume_from`` continues a run.
+    With ``config.output_dir`` set, metrics.jsonl and checkpoints go there and ``resume_from`` continues a run
+    (whose weights the caller loaded from the checkpoint); ``dist`` makes it one rank of a data-parallel run.
     """
     data = SFTData(tokenizer, examples, config)
     device = next(model.parameters()).device
-    trainer = Trainer(config, "sft", model.parameters(), models={"policy": model}, tokenizer=tokenizer,
-                      device=device, progress=progress)
+    trainer = Trainer(config, "sft", CausalLMLogprobs(model), tokenizer=tokenizer, dist=dist, progress=progress)
     evaluate = None
     if eval_examples:
         eval_data = SFTData(tokenizer, eval_examples, config)
-        evaluate = lambda: {"loss": _evaluate(model, eval_data, config)}  # noqa: E731
+        evaluate = lambda: {"loss": _evaluate(trainer.module, eval_data, config, device)}  # noqa: E731
     model.train()
-    return trainer.fit(lambda rng: move(data.sample(rng), device), lambda b: {"loss": sft_loss(model, b)[0]},
-                       _n_tokens, evaluate=evaluate, resume_from=resume_from, on_step=on_step,
-                       weight_name="tokens")
+    return trainer.fit(data.sample, lambda rows: move(data.collate(rows), device),
+                       lambda b: {"loss": sft_loss(trainer.module, b)[0]}, _n_tokens, evaluate=evaluate,
+                       resume_from=resume_from, on_step=on_step, weight_name="tokens")
 
 
 @torch.no_grad()
-def _evaluate(model, data: SFTData, config: SFTConfig) -> float:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def _evaluate(module, data: SFTData, config: SFTConfig, device) -> float:
+    was_training = module.training
+    module.eval()
     total, count = 0.0, 0
     for batch in data.batches(config.batch_size):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss_sum, n_tokens = sft_loss(model, move(batch, device))
+            loss_sum, n_tokens = sft_loss(module, move(batch, device))
         total += float(loss_sum)
         count += n_tokens
-    model.train(was_training)
+    module.train(was_training)
     return total / max(count, 1)
 
 
 def evaluate_sft(model, tokenizer, examples, config: SFTConfig) -> float:
     """Mean response-token NLL over ``examples``."""
-    return _evaluate(model, SFTData(tokenizer, examples, config), config)
+    return _evaluate(model, SFTData(tokenizer, examples, config), config, next(model.parameters()).device)

@@ -1,0 +1,207 @@
+"""Data parallelism on CPU (gloo, 2 processes): an SFT step and a GRPO update at world size 2 (FSDP2 and DDP) give
+the parameters of world size 1 on the same global batch, and a checkpoint written at world size 2 resumes at
+world size 1 with the metrics of an uninterrupted run."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlhf_engine.cli import main
+from rlhf_engine.data.jsonl import SFTRecord, read_jsonl, write_jsonl
+from rlhf_engine.demo import task
+from rlhf_engine.demo.tokenizer import build_byte_tokenizer
+from rlhf_engine.distributed import full_state, init_distributed
+from rlhf_engine.metrics import read_metrics
+from rlhf_engine.models import load_causal_lm, load_tokenizer
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(fn, *args, world=2):
+    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tokenizer = build_byte_tokenizer()
+    model_dir = str(root / "model")
+    task.build_tiny_model_dir(model_dir, vocab_size=len(tokenizer), seed=3, hidden_size=32)
+    tokenizer.save_pretrained(model_dir)
+    data = str(root / "sft.jsonl")
+    write_jsonl(data, [SFTRecord(task.format_prompt(e.prompt), e.response) for e in task.make_sft_examples(32, 5)])
+    return root, model_dir, data
+
+
+def _close(a: dict, b: dict, atol=1e-5):
+    """Parameters within 1e-5. NOTE: the steps use lr 1e-3: Adam's first update is lr * g / (|g| + eps), which
+    turns reduction-order noise in near-zero gradients into differences of up to lr, whatever the world size."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
+
+
+# -- one SFT step ------------------------------------------------------------------------------------------------
+
+
+def _sft_step(model_dir, data, strategy, out):
+    from rlhf_engine.trainers.sft import SFTConfig, train_sft
+
+    info = init_distributed(strategy, torch.device("cpu"))
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    config = SFTConfig(steps=1, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=0, max_length=128,
+                       strategy=strategy)
+    row = train_sft(model, tokenizer, read_jsonl(data, "sft"), config, progress=False, dist=info)[-1]
+    state, _ = full_state(model)
+    if info.is_main:
+        torch.save({"state": state, "row": row}, out)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_sft_step_matches_world_size_1(setup, strategy):
+    root, model_dir, data = setup
+    _sft_step(model_dir, data, "none", str(root / "ws1.pt"))
+    _spawn(_sft_step, model_dir, data, strategy, str(root / f"ws2-{strategy}.pt"))
+    one, two = torch.load(str(root / "ws1.pt")), torch.load(str(root / f"ws2-{strategy}.pt"))
+    assert two["row"]["tokens"] == one["row"]["tokens"]  # the same global batch, counted over both ranks
+    assert abs(two["row"]["loss"] - one["row"]["loss"]) < 1e-5
+    _close(one["state"], two["state"])
+
+
+# -- one GRPO update ---------------------------------------------------------------------------------------------
+
+
+def _global_batch(model_dir):
+    """A fixed global batch of 8 sequences as a rollout would leave it (ragged responses, right padding)."""
+    from rlhf_engine.models.heads import CausalLMLogprobs, position_ids_for
+
+    g = torch.Generator().manual_seed(0)
+    model = load_causal_lm(model_dir)
+    b, width, prompt = 8, 14, 4
+    input_ids = torch.randint(0, 256, (b, width), generator=g)
+    lengths = torch.randint(prompt + 2, width + 1, (b,), generator=g)
+    attention_mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    targets = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], -100)
+    targets[:, : prompt - 1] = -100
+    mask = targets != -100
+    with torch.no_grad():
+        logp = CausalLMLogprobs(model)(input_ids, attention_mask, targets,
+                                       position_ids=position_ids_for(attention_mask))
+    old = logp + 0.3 * torch.randn(logp.shape, generator=g) * mask  # some ratios leave the clip range
+    advantages = torch.randn(b, generator=g)[:, None].expand_as(logp) * mask
+    return dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask, old_logp=old,
+                ref_logp=old - 0.1 * mask, rollout_logp=old, advantages=advantages)
+
+
+def _grpo_update(model_dir, strategy, out):
+    from rlhf_engine.trainers.ppo import PPOConfig, PPOTrainer
+
+    info = init_distributed(strategy, torch.device("cpu"))
+    batch = {k: v[info.rank :: info.world_size] for k, v in _global_batch(model_dir).items()}
+    policy, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    config = PPOConfig(algorithm="grpo", n_samples=2, prompts_per_iteration=4, minibatch_size=8, ppo_epochs=1,
+                       lr=1e-3, kl_coef=0.1, strategy=strategy)
+    trainer = PPOTrainer(policy, tokenizer, config, reward_fn=lambda p, r: [0.0] * len(r), dist=info)
+    stats = trainer.update(batch)
+    state, _ = full_state(policy)
+    if info.is_main:
+        torch.save({"state": state, "stats": stats}, out)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_grpo_update_matches_world_size_1(setup, strategy):
+    root, model_dir, _ = setup
+    _grpo_update(model_dir, "none", str(root / "grpo1.pt"))
+    _spawn(_grpo_update, model_dir, strategy, str(root / f"grpo2-{strategy}.pt"))
+    one, two = torch.load(str(root / "grpo1.pt")), torch.load(str(root / f"grpo2-{strategy}.pt"))
+    assert one["stats"]["clipfrac"] > 0  # the clip is exercised
+    _close(one["state"], two["state"])
+
+
+# -- checkpoints across world sizes --------------------------------------------------------------------------------
+
+
+def _cli(args):
+    assert main(args) == 0
+
+
+def test_checkpoint_from_world_size_2_resumes_at_world_size_1(setup):
+    root, model_dir, data = setup
+    args = ["sft", "--model", model_dir, "--data", data, "--batch-size", "4", "--max-length", "128", "--lr", "1e-2",
+            "--warmup-steps", "0", "--save-every", "2", "--no-progress"]
+    _cli([*args, "--steps", "4", "--output-dir", str(root / "whole")])
+    _spawn(_cli, [*args, "--steps", "4", "--stop-after-steps", "2", "--strategy", "fsdp", "--output-dir",
+                  str(root / "moved")])
+    _cli([*args, "--steps", "4", "--resume", "--output-dir", str(root / "moved")])
+    whole = read_metrics(str(root / "whole" / "metrics.jsonl"))
+    moved = read_metrics(str(root / "moved" / "metrics.jsonl"))
+    assert [r["step"] for r in moved] == [0, 1, 2, 3]
+    for a, b in zip(whole, moved, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["tokens"] == b["tokens"]
+    _close(load_causal_lm(str(root / "whole" / "model")).state_dict(),
+           load_causal_lm(str(root / "moved" / "model")).state_dict())
+
+
+# -- rollout on sharded parameters -------------------------------------------------------------------------------
+
+
+def _greedy(model_dir, strategy, out):
+    from rlhf_engine.distributed import gathered, wrap
+    from rlhf_engine.models.heads import CausalLMLogprobs
+    from rlhf_engine.rollout import RolloutEngine, SamplingParams
+
+    info = init_distributed(strategy, torch.device("cpu"))
+    model = load_causal_lm(model_dir)
+    module = wrap(CausalLMLogprobs(model), info)
+    engine = RolloutEngine(model)
+    prompts = [[257, 10, 20, 30], [257, 40, 50]]
+    with gathered(module):
+        tokens = [o.samples[0].token_ids for o in engine.generate(prompts, SamplingParams(temperature=0.0,
+                                                                                          max_new_tokens=8))]
+    sharded = type(model.lm_head.weight).__name__
+    if info.is_main:
+        torch.save({"tokens": tokens, "param_type": sharded}, out)
+
+
+def test_rollout_reads_gathered_fsdp_parameters(setup):
+    root, model_dir, _ = setup
+    _greedy(model_dir, "none", str(root / "greedy1.pt"))
+    _spawn(_greedy, model_dir, "fsdp", str(root / "greedy2.pt"))
+    one, two = torch.load(str(root / "greedy1.pt")), torch.load(str(root / "greedy2.pt"))
+    assert two["tokens"] == one["tokens"]
+    assert two["param_type"] == "DTensor"  # sharded again once the rollout is over
+
+
+def test_grpo_cli_at_world_size_2(setup, tmp_path):
+    root, model_dir, _ = setup
+    prompts = str(tmp_path / "prompts.jsonl")
+    write_jsonl(prompts, [{"prompt": task.format_prompt(p)} for p in task.make_prompts(8, 4)])
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(prompts, responses):\n    return [float(len(r) % 7) for r in responses]\n")
+    _spawn(_cli, ["grpo", "--model", model_dir, "--data", prompts, "--reward-fn", f"{reward}:score", "--output-dir",
+                  str(tmp_path / "out"), "--iterations", "2", "--n-samples", "2", "--prompts-per-iteration", "4",
+                  "--minibatch-size", "4", "--max-new-tokens", "6", "--strategy", "fsdp", "--no-progress"])
+    rows = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1] and all(r["logprob_mismatch_max"] < 1e-3 for r in rows)
+    assert load_causal_lm(str(tmp_path / "out" / "model")).config.vocab_size == 259
