@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_engine.cli import main
-from rlhf_engine.data.jsonl import SFTRecord, read_jsonl, write_jsonl
+from rlhf_engine.data.jsonl import PreferenceRecord, SFTRecord, read_jsonl, write_jsonl
 from rlhf_engine.demo import task
 from rlhf_engine.demo.tokenizer import build_byte_tokenizer
 from rlhf_engine.distributed import full_state, init_distributed
@@ -51,6 +51,9 @@ def setup(tmp_path_factory):
     tokenizer.save_pretrained(model_dir)
     data = str(root / "sft.jsonl")
     write_jsonl(data, [SFTRecord(task.format_prompt(e.prompt), e.response) for e in task.make_sft_examples(32, 5)])
+    pairs = [PreferenceRecord(task.format_prompt(e.prompt), e.response, e.response.upper())
+             for e in task.make_sft_examples(32, 6)]
+    write_jsonl(str(root / "prefs.jsonl"), pairs)
     return root, model_dir, data
 
 
@@ -65,26 +68,37 @@ def _close(a: dict, b: dict, atol=1e-5):
 # -- one SFT step ------------------------------------------------------------------------------------------------
 
 
-def _sft_step(model_dir, data, strategy, out):
-    from rlhf_engine.trainers.sft import SFTConfig, train_sft
+def _offline_step(phase, model_dir, root, strategy, out):
+    from rlhf_engine.models.heads import ScalarHeadModel
+    from rlhf_engine.trainers import DPOConfig, RewardConfig, SFTConfig, train_dpo, train_reward_model, train_sft
 
     info = init_distributed(strategy, torch.device("cpu"))
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    config = SFTConfig(steps=1, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=0, max_length=128,
-                       strategy=strategy)
-    row = train_sft(model, tokenizer, read_jsonl(data, "sft"), config, progress=False, dist=info)[-1]
+    common = dict(steps=1, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=0, max_length=128, strategy=strategy)
+    if phase == "sft":
+        rows = train_sft(model, tokenizer, read_jsonl(str(root / "sft.jsonl"), "sft"), SFTConfig(**common),
+                         progress=False, dist=info)
+    elif phase == "rm":
+        torch.manual_seed(0)
+        model = ScalarHeadModel(model)
+        rows = train_reward_model(model, tokenizer, read_jsonl(str(root / "prefs.jsonl"), "preferences"),
+                                  RewardConfig(**common), progress=False, dist=info)
+    else:
+        rows = train_dpo(model, tokenizer, read_jsonl(str(root / "prefs.jsonl"), "preferences"),
+                         DPOConfig(**common, beta=0.5), progress=False, dist=info)
     state, _ = full_state(model)
     if info.is_main:
-        torch.save({"state": state, "row": row}, out)
+        torch.save({"state": state, "row": rows[-1]}, out)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_sft_step_matches_world_size_1(setup, strategy):
-    root, model_dir, data = setup
-    _sft_step(model_dir, data, "none", str(root / "ws1.pt"))
-    _spawn(_sft_step, model_dir, data, strategy, str(root / f"ws2-{strategy}.pt"))
-    one, two = torch.load(str(root / "ws1.pt")), torch.load(str(root / f"ws2-{strategy}.pt"))
-    assert two["row"]["tokens"] == one["row"]["tokens"]  # the same global batch, counted over both ranks
+@pytest.mark.parametrize("phase, strategy", [("sft", "fsdp"), ("sft", "ddp"), ("rm", "fsdp"), ("dpo", "ddp")])
+def test_offline_step_matches_world_size_1(setup, phase, strategy):
+    root, model_dir, _ = setup
+    _offline_step(phase, model_dir, root, "none", str(root / f"{phase}1.pt"))
+    _spawn(_offline_step, phase, model_dir, root, strategy, str(root / f"{phase}2-{strategy}.pt"))
+    one, two = torch.load(str(root / f"{phase}1.pt")), torch.load(str(root / f"{phase}2-{strategy}.pt"))
+    count = "tokens" if phase == "sft" else "pairs"
+    assert two["row"][count] == one["row"][count]  # the same global batch, counted over both ranks
     assert abs(two["row"]["loss"] - one["row"]["loss"]) < 1e-5
     _close(one["state"], two["state"])
 
