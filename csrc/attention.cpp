@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cache_ops.h"
+#include "simd.h"
 
 // Every vector helper is always_inline (and takes vectors by reference): no 32-byte vector crosses a call, so the
 // ABI warning GCC gives for returning one on a baseline (non-AVX) target does not apply.
@@ -104,19 +105,7 @@ RLHF_INLINE vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
 // exp(x) for the softmax's x = s - max <= 0: Cody-Waite range reduction and the Cephes polynomial, about 1 ulp.
 // Below -87 exp underflows fp32: x is clamped there, giving 2^-125.5, which is 0 next to the max term's 1.
 RLHF_INLINE vf exp_nonpositive(const vf& arg) {
-  const vf x = arg < -87.f ? splat(-87.f) : arg;
-  // n = round(x / ln 2) in [-126, 0]; truncating after +128.5 is a floor of a positive number
-  const vi ni = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vi) - 128;
-  const vf n = __builtin_convertvector(ni, vf);
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf poly = splat(1.9875691500e-4f);
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const vf y = poly * r * r + r + 1.0f;
-  return y * (vf)((ni + 127) << 23);  // y * 2^n
+  return simd::exp_cephes<vf, vi, 128>(arg < -87.f ? splat(-87.f) : arg);
 }
 
 RLHF_INLINE float hsum(const vf& v) {

@@ -16,6 +16,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "simd.h"
+
 namespace rlhf_engine {
 namespace {
 
@@ -36,25 +38,8 @@ inline vf vclamp(vf x, float lo, float hi) {
   return x > hi ? splat(hi) : x;
 }
 
-// exp(x) for x in [-20, 20] (every caller clamps first): Cody-Waite range reduction and the Cephes polynomial,
-// about 1 ulp.
-inline vf vexp(vf x) {
-  // n = round(x / ln 2); x / ln 2 lies in [-29, 29], so truncating after +64 is a floor
-  const vi ni = __builtin_convertvector(x * 1.44269504088896341f + 64.5f, vi) - 64;
-  const vf n = __builtin_convertvector(ni, vf);
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf y = p * r * r + r + 1.0f;
-  const vi bits = (ni + 127) << 23;  // 2^n
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
+// exp(x) for x in [-20, 20] (every caller clamps first).
+inline vf vexp(vf x) { return simd::exp_cephes<vf, vi, 64>(x); }
 
 // Loads n <= W elements as floats, zero beyond n.
 template <typename T>
