@@ -38,14 +38,44 @@ def _positive_int(cls: str, name: str, value, minimum: int = 1) -> None:
 
 
 @dataclass
-class TrainConfig:
-    """Fields every offline phase (SFT, reward model, DPO) has."""
+class RunConfig:
+    """Fields every phase has (the offline phases through ``TrainConfig``, PPO/GRPO/RLOO through ``PPOConfig``)."""
 
     model: str = option("", "Hugging Face model directory to start from (required by the CLI)")
     data: str = option("", "training JSONL file (required by the CLI)")
     output_dir: str = option("", "where metrics.jsonl, checkpoints/ and the final model/ go (required by the CLI)")
-    eval_data: str = option("", "held-out JSONL file of the same format (optional)")
     seed: int = option(0, "seed of the data order, initialisation and sampling")
+    dtype: str = option("float32", "dtype the model is loaded in: float32 | bfloat16 | float16")
+    device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
+    save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
+    resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
+    tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
+    strategy: str = option("auto", "data parallelism under torchrun: fsdp (FSDP2) | ddp | none | auto (fsdp with "
+                                    "more than one process)")
+
+    def __post_init__(self):
+        cls = type(self).__name__
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"{cls}.strategy must be one of {list(STRATEGIES)}, found {self.strategy!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{cls}.dtype must be float32, bfloat16 or float16, found {self.dtype!r}")
+        _positive_int(cls, "save_every", self.save_every, minimum=0)
+        _positive_int(cls, "save_total_limit", self.save_total_limit)
+
+    def require(self, *names: str) -> None:
+        """The CLI's check that the run's paths are set: names the missing field and how to set it."""
+        for name in names:
+            if not getattr(self, name):
+                raise ValueError(f"{type(self).__name__}.{name} is required: set `{name}:` in the YAML file or "
+                                 f"pass --{name.replace('_', '-')} VALUE")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Fields every offline phase (SFT, reward model, DPO) has."""
+
+    eval_data: str = option("", "held-out JSONL file of the same format (optional)")
     steps: int = option(300, "optimizer steps")
     batch_size: int = option(32, "examples per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
@@ -58,29 +88,19 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
     max_length: int = option(512, "tokens per sequence; the prompt is kept whole and the response cut to fit")
     bf16: bool = option(False, "bf16 autocast for forward passes (weights and optimizer stay in their dtype)")
-    dtype: str = option("float32", "dtype the model is loaded in: float32 | bfloat16 | float16")
-    device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     skip_nonfinite: bool = option(True, "skip an optimizer step whose loss or gradient is not finite")
     max_skipped_steps: int = option(10, "abort after this many consecutive skipped steps")
     log_every: int = option(1, "write a metrics row every this many steps")
     eval_every: int = option(0, "evaluate on eval_data every this many steps (0: only at the end)")
-    save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
-    save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
-    resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
     stop_after_steps: int = option(0, "end this process after this many steps, checkpoint written (to split a run "
                                       "over jobs with a time limit; continue with resume); 0: run to the end")
-    tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
-    strategy: str = option("auto", "data parallelism under torchrun: fsdp (FSDP2) | ddp | none | auto (fsdp with "
-                                    "more than one process)")
 
     def __post_init__(self):
+        super().__post_init__()
         cls = type(self).__name__
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"{cls}.strategy must be one of {list(STRATEGIES)}, found {self.strategy!r}")
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "save_total_limit",
-                     "max_skipped_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "max_skipped_steps"):
             _positive_int(cls, name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "save_every", "stop_after_steps"):
+        for name in ("warmup_steps", "eval_every", "stop_after_steps"):
             _positive_int(cls, name, getattr(self, name), minimum=0)
         if not self.lr > 0:
             raise ValueError(f"{cls}.lr must be > 0, found {self.lr!r}")
@@ -92,15 +112,6 @@ class TrainConfig:
             raise ValueError(f"{cls}.max_grad_norm must be > 0, found {self.max_grad_norm!r}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"{cls}.adam_betas must be two numbers in [0, 1), found {self.adam_betas!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"{cls}.dtype must be float32, bfloat16 or float16, found {self.dtype!r}")
-
-    def require(self, *names: str) -> None:
-        """The CLI's check that the run's paths are set: names the missing field and how to set it."""
-        for name in names:
-            if not getattr(self, name):
-                raise ValueError(f"{type(self).__name__}.{name} is required: set `{name}:` in the YAML file or "
-                                 f"pass --{name.replace('_', '-')} VALUE")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,6 +155,14 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
         raise ValueError(f"output_dir {config.output_dir!r} already holds checkpoints of an earlier run: pass "
                          f"--resume true to continue it, or choose another output_dir")
     return None
+
+
+def open_metrics(config: RunConfig, dist: DistInfo, resume_step: int | None) -> MetricsLogger | None:
+    """The run's metrics.jsonl (cut back to ``resume_step`` when resuming); rank 0 only, None without output_dir."""
+    if not config.output_dir or not dist.is_main:
+        return None
+    tb = os.path.join(config.output_dir, "tensorboard") if config.tensorboard else None
+    return MetricsLogger(os.path.join(config.output_dir, METRICS_FILE), resume_step=resume_step, tensorboard_dir=tb)
 
 
 class Trainer:
@@ -221,11 +240,7 @@ class Trainer:
         if resume_from is not None:
             _, state = load_checkpoint_state(resume_from)
             self.load_state_dict(state)
-        logger = None
-        if cfg.output_dir and self.dist.is_main:
-            tb = os.path.join(cfg.output_dir, "tensorboard") if cfg.tensorboard else None
-            logger = MetricsLogger(os.path.join(cfg.output_dir, METRICS_FILE),
-                                   resume_step=self.step if resume_from else None, tensorboard_dir=tb)
+        logger = open_metrics(cfg, self.dist, self.step if resume_from else None)
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.phase, disable=not self.progress, dynamic_ncols=True)
         end = min(cfg.steps, self.step + cfg.stop_after_steps) if cfg.stop_after_steps else cfg.steps

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_engine.checkpoint import load_checkpoint_state, save_checkpoint
-from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, gathered, load_optimizer_state, wrap
-from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
+from rlhf_engine.distributed import DistInfo, SavesState, full_state, gathered, load_optimizer_state, wrap
 from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel, position_ids_for
 from rlhf_engine.ops import (
     gae,
@@ -38,16 +36,16 @@ from rlhf_engine.ops import (
     value_loss,
 )
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
-from rlhf_engine.trainers.common import TrainConfig, option
+from rlhf_engine.trainers.common import RunConfig, open_metrics, option
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RunConfig):
     model: str = option("", "policy to start from: the SFT model directory (also the frozen reference)")
     data: str = option("", "prompts JSONL ({\"prompt\": ...} a line)")
-    output_dir: str = option("", "where metrics.jsonl, checkpoints/ and the final model/ go")
+    save_every: int = option(0, "checkpoint every this many iterations (0: only at the end)")
     reward_model: str = option("", "reward model directory (saved by `rlhf-engine rm`); or set reward_fn")
     reward_fn: str = option("", "a Python reward function 'module:function', (prompts, responses) -> list[float]")
     critic_model: str = option("", "PPO: critic start (a reward/value model directory; default: the reward model, "
@@ -82,25 +80,15 @@ class PPOConfig:
     tis_cap: float | None = option(None, "truncated importance sampling against the rollout's log-probs (None: off)")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
     max_prompt_length: int = option(128, "prompt tokens kept (from the right)")
-    seed: int = option(0, "seed of prompt order, sampling and minibatch order")
-    dtype: str = option("float32", "dtype the models are loaded in: float32 | bfloat16 | float16")
-    device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
-    save_every: int = option(0, "checkpoint every this many iterations (0: only at the end)")
-    save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
-    resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
-    tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
-    strategy: str = option("auto", "data parallelism under torchrun: fsdp (FSDP2) | ddp | none | auto (fsdp with "
-                                    "more than one process)")
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"PPOConfig.strategy must be one of {list(STRATEGIES)}, found {self.strategy!r}")
+        super().__post_init__()
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"PPOConfig.algorithm must be one of {list(ALGORITHMS)}, found {self.algorithm!r}")
         if self.algorithm in ("grpo", "rloo") and self.n_samples < 2:
             raise ValueError(f"PPOConfig.n_samples must be >= 2 for {self.algorithm}, found {self.n_samples}")
         for name in ("iterations", "prompts_per_iteration", "n_samples", "max_new_tokens", "ppo_epochs",
-                     "minibatch_size", "max_prompt_length", "save_total_limit"):
+                     "minibatch_size", "max_prompt_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PPOConfig.{name} must be a positive int, found {value!r}")
@@ -112,7 +100,7 @@ class PPOConfig:
             raise ValueError("PPOConfig: set one of reward_model or reward_fn, not both")
 
     def require(self, *names: str) -> None:
-        TrainConfig.require(self, *names)
+        super().require(*names)
         if not (self.reward_model or self.reward_fn):
             raise ValueError("PPOConfig: set reward_model (a directory from `rlhf-engine rm`) or reward_fn "
                              "('module:function')")
@@ -416,11 +404,7 @@ class PPOTrainer:
         cfg = self.config
         if resume_from is not None:
             self.load_state_dict(load_checkpoint_state(resume_from)[1])
-        logger = None
-        if cfg.output_dir and self.dist.is_main:
-            tb = os.path.join(cfg.output_dir, "tensorboard") if cfg.tensorboard else None
-            logger = MetricsLogger(os.path.join(cfg.output_dir, METRICS_FILE),
-                                   resume_step=self.iteration if resume_from else None, tensorboard_dir=tb)
+        logger = open_metrics(cfg, self.dist, self.iteration if resume_from else None)
         history = []
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=cfg.algorithm,
                    disable=not (progress and self.dist.is_main), dynamic_ncols=True)
