@@ -64,7 +64,7 @@ def _plot(sft, rm, ppo, algo: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
     axes[0].set(title="SFT", xlabel="step", ylabel="NLL per response token")
     axes[1].plot([r["step"] for r in rm], [r["loss"] for r in rm], label="loss")
@@ -72,15 +72,16 @@ def _plot(sft, rm, ppo, algo: str, path: str) -> None:
     axes[1].set(title="reward model", xlabel="step")
     it = [r["iteration"] for r in ppo]
     axes[2].plot(it, [r["reward_mean"] for r in ppo], label="proxy reward (RM)")
-    axes[2].plot(it, [r["gold_mean"] for r in ppo], label="gold (annotator)")
     axes[2].plot(it, [r["kl"] for r in ppo], label="KL to SFT (per sequence)")
-    axes[2].set(title=algo.upper(), xlabel="iteration")
+    axes[2].set(title=f"{algo.upper()}: what it optimises", xlabel="iteration")
+    axes[3].plot(it, [r["gold_mean"] for r in ppo], color="C3")
+    axes[3].set(title=f"{algo.upper()}: gold (annotator) of its samples", xlabel="iteration", ylabel="gold score")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend()
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
