@@ -140,3 +140,40 @@ def test_unsupported_architecture_is_named():
     model = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, gpt2"):
         RolloutEngine(model)
+
+
+def flash_attn_with_kvcache_reference(q, k_cache, v_cache, *, cache_seqlens, block_table, softmax_scale, causal):
+    """flash-attn's documented semantics for q of one token a sequence: q (B, 1, H, D) attends to the first
+    cache_seqlens[b] positions of the pages block_table[b] of k_cache/v_cache (num_blocks, page, KV, D)."""
+    assert q.dim() == 4 and q.shape[1] == 1 and causal
+    assert cache_seqlens.dtype == torch.int32 and block_table.dtype == torch.int32
+    out = []
+    for b in range(q.shape[0]):
+        n = int(cache_seqlens[b])
+        k = k_cache[block_table[b].long()].flatten(0, 1)[:n]  # (n, KV, D)
+        v = v_cache[block_table[b].long()].flatten(0, 1)[:n]
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q[b].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[2]).transpose(0, 1))  # (1, H, D)
+    return torch.stack(out)
+
+
+def test_flash_decode_path_gives_the_paged_result(model):
+    """The flash-attn decode call (block table, int32 lengths, new K/V already in the cache) against flash-attn's
+    semantics, on CPU: the same greedy tokens as the _C paged attention."""
+    prompts = ragged_prompts()
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, n=2)
+    paged = RolloutEngine(model, attention="paged")
+    flash = RolloutEngine(model, attention="paged", block_size=256)
+    flash._flash = flash_attn_with_kvcache_reference
+    assert flash.attention == "flash" and paged.attention == "paged"
+    ours = [[s.token_ids for s in o.samples] for o in flash.generate(prompts, params)]
+    assert ours == [[s.token_ids for s in o.samples] for o in paged.generate(prompts, params)]
+
+
+def test_flash_attention_names_what_is_missing(model):
+    with pytest.raises(ValueError, match="needs CUDA"):
+        RolloutEngine(model, attention="flash")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        RolloutEngine(model, attention="sdpa")
+    assert RolloutEngine(model).attention == "paged" and RolloutEngine(model).block_size == 16

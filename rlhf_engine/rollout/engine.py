@@ -50,11 +50,37 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
 
 
+ATTENTION_BACKENDS = ("auto", "paged", "flash")
+FLASH_BLOCK = 256  # flash-attn 2's paged KV cache needs a page size that is a multiple of 256
+
+
+def _flash_with_kvcache():
+    """``flash_attn.flash_attn_with_kvcache``, or None when flash-attn is not installed."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache
+
+
 class RolloutEngine:
     """Generation on the paged KV cache over a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2)."""
 
-    def __init__(self, model, *, block_size: int = 16, max_num_seqs: int = 256, max_num_blocks: int | None = None):
-        """``max_num_blocks=None`` sizes the KV pool per call from the prompts, n and max_new_tokens."""
+    def __init__(self, model, *, block_size: int | None = None, max_num_seqs: int = 256,
+                 max_num_blocks: int | None = None, attention: str = "auto"):
+        """``max_num_blocks=None`` sizes the KV pool per call from the prompts, n and max_new_tokens.
+
+        ``attention``: decode attention over the paged cache. ``flash`` is flash-attn's ``flash_attn_with_kvcache``
+        with the block table (CUDA, fp16/bf16, block_size a multiple of 256); ``paged`` is ``_C.paged_attention``
+        (CPU or CUDA); ``auto`` takes flash when it can run and paged otherwise. ``block_size=None`` is 256 on the
+        flash path and 16 elsewhere.
+        """
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"RolloutEngine: attention must be one of {list(ATTENTION_BACKENDS)}, found {attention!r}")
+        param = next(model.parameters())
+        self._flash = self._choose_flash(attention, param, block_size)
+        if block_size is None:
+            block_size = FLASH_BLOCK if self._flash is not None else 16
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"RolloutEngine: block_size must be a positive int, found {block_size!r}")
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -68,13 +94,35 @@ class RolloutEngine:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_blocks = max_num_blocks
-        param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.pool = None
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._weights_version = None
         self._next_seq_id = 0
         self.stats: dict = {}
+
+    @staticmethod
+    def _choose_flash(attention: str, param: torch.Tensor, block_size: int | None):
+        if attention == "paged":
+            return None
+        fn = _flash_with_kvcache()
+        problems = []
+        if fn is None:
+            problems.append("flash-attn is not installed (pip install flash-attn)")
+        if param.device.type != "cuda":
+            problems.append(f"the model is on {param.device.type}, flash-attn needs CUDA")
+        if param.dtype not in (torch.float16, torch.bfloat16):
+            problems.append(f"the model is {param.dtype}, flash-attn needs float16 or bfloat16")
+        if block_size is not None and block_size % FLASH_BLOCK:
+            problems.append(f"block_size={block_size} is not a multiple of {FLASH_BLOCK} (leave it None)")
+        if problems and attention == "flash":
+            raise ValueError("RolloutEngine: attention='flash' cannot run: " + "; ".join(problems))
+        return None if problems else fn
+
+    @property
+    def attention(self) -> str:
+        """The decode attention in use: ``flash`` or ``paged``."""
+        return "flash" if self._flash is not None else "paged"
 
     # ------------------------------------------------------------------------------------------------------------
     # cache management
@@ -152,12 +200,19 @@ class RolloutEngine:
         ids = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long, device=self.device)
         positions = context_lens - 1
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if self._flash is not None:  # flash-attn takes int32 tables and lengths
+            block_tables32, context_lens32 = block_tables.int(), context_lens.int()
         hidden, rope = fam.embed(ids, positions)
         for index, (key_cache, value_cache) in enumerate(self.caches):
             q, k, v = fam.attention_inputs(index, hidden, rope)
             kv_cache.write_kv(k, v, key_cache, value_cache, slot_t)
-            out = kv_cache.paged_attention(q.contiguous(), key_cache, value_cache, block_tables, context_lens,
-                                           scale=fam.scale)  # (N, H, D)
+            if self._flash is not None:
+                # the new token's K/V are in the cache already: attend over cache_seqlens tokens of each table
+                out = self._flash(q[:, None], key_cache, value_cache, cache_seqlens=context_lens32,
+                                  block_table=block_tables32, softmax_scale=fam.scale, causal=True)[:, 0]
+            else:
+                out = kv_cache.paged_attention(q.contiguous(), key_cache, value_cache, block_tables, context_lens,
+                                               scale=fam.scale)  # (N, H, D)
             hidden = fam.attention_output(index, hidden, out.flatten(1))
         for s in seqs:
             s.length += 1
