@@ -113,10 +113,14 @@ def write_json(path: str | None, rows: list[dict]) -> None:
             json.dump(rows, f, indent=1)
 
 
-def parse_args(doc: str, argv, worker, *, device: bool = True, quick_help: str = "small shapes, a few seconds"):
-    """The options every benchmark takes. In a ``--worker`` subprocess it runs ``worker`` on the JSON payload,
-    prints its row and returns None; otherwise it returns the parsed options."""
+def parse_args(doc: str, argv, worker, *, device: bool = True, quick_help: str = "small shapes, a few seconds",
+               add_options=None):
+    """The options every benchmark takes (``add_options(parser)`` adds a script's own). In a ``--worker``
+    subprocess it runs ``worker`` on the JSON payload, prints its row and returns None; otherwise it returns the
+    parsed options."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_options is not None:
+        add_options(parser)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median)")

@@ -13,19 +13,25 @@ forward+backward passes (forward alone is timed too; backward = full - forward).
     python benchmarks/bench_logprobs.py                 # the default cases (includes the issue's floor case)
     python benchmarks/bench_logprobs.py --quick         # small shapes, a few seconds
     python benchmarks/bench_logprobs.py --json out.json # also write the rows
+    python benchmarks/bench_logprobs.py --floor --rounds 5   # the floor case, naive/ours alternated 5 times
+
+With --rounds K each case runs K times per provider, alternating naive and ours (on a shared machine the load
+then falls on both alike); the table shows the medians over rounds, and each round's time ratio is listed.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import measure, parse_args, print_table, run_worker, write_json  # noqa: E402
 
+FLOOR_CASE = ("linear", 8192, 512, 32000, "float32")  # issue 2: time <= 1.3x naive, peak memory <= 1/8 of it
 DEFAULT_CASES = [
     # (op, N, H, V, dtype)
-    ("linear", 8192, 512, 32000, "float32"),  # the floor case of issue 2
+    FLOOR_CASE,
     ("linear", 2048, 1024, 50257, "float32"),
     ("token", 4096, 0, 32000, "float32"),
     ("token", 1024, 0, 151936, "bfloat16"),
@@ -93,8 +99,29 @@ def run_case(case, provider, repeat, device):
     return run_worker(__file__, [op, n, h, v, dtype, provider, repeat, device])
 
 
+def _add_options(parser) -> None:
+    parser.add_argument("--floor", action="store_true", help="only the floor case of issue 2")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per case and provider, alternated (median)")
+
+
+def _case(row: dict) -> tuple:
+    return (row["op"], row["N"], row["H"], row["V"], row["dtype"])
+
+
+def _median_rows(runs: list[dict]) -> list[dict]:
+    """One row per (case, provider): the median of each value over its rounds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in runs:
+        groups.setdefault((_case(row), row["provider"]), []).append(row)
+    medians = []
+    for group in groups.values():
+        values = {field: statistics.median(r[field] for r in group) for field, _ in VALUE_FIELDS}
+        medians.append({**group[0], **values, "rounds": len(group)})
+    return medians
+
+
 def main(argv=None):
-    args = parse_args(__doc__, argv, worker)
+    args = parse_args(__doc__, argv, worker, add_options=_add_options)
     if args is None:
         return 0
     import torch
@@ -102,14 +129,23 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeat = args.repeat or (3 if args.quick else 5)
     cases = QUICK_CASES if args.quick else DEFAULT_CASES + (CUDA_CASES if device == "cuda" else [])
-    rows = []
+    cases = [FLOOR_CASE] if args.floor else cases
+    runs = []
     for case in cases:
-        for provider in PROVIDERS:
-            rows.append(run_case(case, provider, repeat, device))
-            print(f"  done {case} {provider}", file=sys.stderr, flush=True)
-    print(f"device={device} threads={rows[0]['threads']} repeat={repeat} (median); peak = extra over inputs")
+        for round_ in range(args.rounds):
+            for provider in PROVIDERS:
+                runs.append(run_case(case, provider, repeat, device))
+                print(f"  done {case} {provider} round {round_ + 1}", file=sys.stderr, flush=True)
+    rows = _median_rows(runs)
+    print(f"device={device} threads={rows[0]['threads']} repeat={repeat} (median) rounds={args.rounds} (median); "
+          f"peak = extra over inputs")
     print_table(rows, ["op", "N", "H", "V", "dtype"], VALUE_FIELDS)
-    write_json(args.json, rows)
+    if args.rounds > 1:
+        for case in cases:
+            full = {p: [r["full_ms"] for r in runs if r["provider"] == p and _case(r) == case] for p in PROVIDERS}
+            ratios = " ".join(f"{o / n:.2f}" for n, o in zip(full["naive"], full["ours"], strict=True))
+            print(f"{case}: time x per round (ours / naive of the same round): {ratios}")
+    write_json(args.json, runs if args.rounds > 1 else rows)
     return 0
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhf_engine.ops import linear_logprobs, token_logprobs
+from rlhf_engine.ops import logprobs as ops_logprobs
 
 
 def reference64(hidden, weight, bias, targets, temperature=1.0, ignore_index=-100):
@@ -76,6 +77,107 @@ def test_matches_float64(backend, n, h, v, chunk, with_bias, dtype):
         floor = 32 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
         assert max_err(ours, ref) <= 2 * max_err(eager, ref) + floor, (max_err(ours, ref), max_err(eager, ref))
     assert torch.all(leaves[0].grad[targets == -100] == 0)
+
+
+def spy_chunk_buffers(monkeypatch):
+    """Records the data pointer of every [m, V] logits buffer the PyTorch path fills (forward, then recomputes)."""
+    calls = []
+    original = ops_logprobs._head_logits_into
+
+    def spy(h, weight, bias, inv_temperature, out):
+        calls.append(out.data_ptr())
+        return original(h, weight, bias, inv_temperature, out)
+
+    monkeypatch.setattr(ops_logprobs, "_head_logits_into", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("cache", ["none", "some", "all"])
+@pytest.mark.parametrize("n, h, v, chunk", [(41, 24, 1271, 6), (9, 8, 151936, 4)])
+def test_cached_and_recomputed_chunks_match_float64(monkeypatch, n, h, v, chunk, cache, return_entropy, dtype):
+    """The backward on log-probs kept from the forward and on recomputed chunks, alone and mixed."""
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "torch")
+    # the budget counts whole [chunk, V] buffers, the shorter last chunk's too: 2.0 keeps every chunk
+    monkeypatch.setattr(ops_logprobs, "CACHE_FRACTION", {"none": 0.0, "some": 0.5, "all": 2.0}[cache])
+    monkeypatch.setattr(ops_logprobs, "CACHE_MAX_BYTES", 1 << 40)
+    calls = spy_chunk_buffers(monkeypatch)
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5).to(dtype)
+    bias = torch.randn(v).to(dtype)
+    targets = torch.randint(0, v, (n,))
+    targets[torch.rand(n) < 0.3] = -100
+    targets[0] = 3  # at least one counted row
+    temperature = 0.7
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=temperature,
+                          return_entropy=return_entropy, chunk_size=chunk)
+    logp, entropy = out if return_entropy else (out, None)
+    g_logp = torch.randn(n)
+    g_ent = torch.randn(n) if return_entropy else torch.zeros(n)
+    (logp * g_logp + (0 if entropy is None else entropy * g_ent)).sum().backward()
+
+    n_chunks = -(-int((targets != -100).sum()) // chunk)
+    n_recomputed = len(calls) - n_chunks
+    expected = {"none": n_chunks, "all": 0}.get(cache)
+    assert n_recomputed == expected if expected is not None else 0 < n_recomputed < n_chunks
+    ref_logp, ref_ent, *ref_grads = grads64(hidden, weight, bias, targets, temperature, g_logp, g_ent)
+    eager_grads_ = eager_grads(hidden, weight, bias, targets, temperature, g_logp, g_ent)
+    out_tol = 2e-4 if dtype == torch.float32 else 0.15
+    torch.testing.assert_close(logp.double(), ref_logp, atol=out_tol, rtol=0)
+    if return_entropy:
+        torch.testing.assert_close(entropy.double(), ref_ent, atol=out_tol, rtol=0)
+    for leaf, eager, ref in zip(leaves, eager_grads_, ref_grads, strict=True):
+        assert leaf.grad.dtype == dtype
+        floor = 32 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
+        ours_err, eager_err = max_err(leaf.grad, ref), max_err(eager, ref)
+        assert ours_err <= 2 * eager_err + floor, (ours_err, eager_err)
+    assert torch.all(leaves[0].grad[targets == -100] == 0)
+
+
+def test_cache_only_when_a_backward_can_follow(monkeypatch):
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "torch")
+    monkeypatch.setattr(ops_logprobs, "CACHE_FRACTION", 1.0)
+    calls = spy_chunk_buffers(monkeypatch)
+    hidden = torch.randn(20, 8, requires_grad=True)
+    weight = torch.randn(50, 8)
+    targets = torch.randint(0, 50, (20,))
+    with torch.no_grad():
+        linear_logprobs(hidden, weight, targets, chunk_size=4)
+    assert len(calls) == 5 and len(set(calls)) == 1  # one reused buffer
+    calls.clear()
+    linear_logprobs(hidden.detach(), weight, targets, chunk_size=4)
+    assert len(calls) == 5 and len(set(calls)) == 1
+    calls.clear()
+    linear_logprobs(hidden, weight, targets, chunk_size=4).sum().backward()
+    assert len(calls) == 5  # every chunk kept by the forward (its own buffer), none recomputed
+
+
+def test_second_backward_recomputes_what_the_first_used_up(monkeypatch):
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "torch")
+    monkeypatch.setattr(ops_logprobs, "CACHE_FRACTION", 0.5)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (30,))
+    g = torch.randn(30)
+    logp = linear_logprobs(hidden, weight, targets, temperature=1.3, chunk_size=7)
+    logp.backward(g, retain_graph=True)
+    first = hidden.grad.clone(), weight.grad.clone()
+    logp.backward(g)
+    torch.testing.assert_close(hidden.grad, 2 * first[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weight.grad, 2 * first[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("v", [7, 1000, 32003])
+def test_in_place_softmax_kernels_are_exact(v):
+    # the PyTorch path runs (log_)softmax with out= its own input; a kernel that wrote before reading would differ
+    z = torch.randn(33, v) * 4
+    z[:, : v // 3] = float("-inf") if v > 7 else z[:, : v // 3]
+    for fn in (torch.log_softmax, torch.softmax):
+        x = z.clone()
+        fn(x, dim=1, out=x)
+        assert torch.equal(x, fn(z, dim=1))
 
 
 def test_leading_shape_and_equivalence_with_token_logprobs(backend):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhf_engine.kernels import logprobs as kernels
+from rlhf_engine.ops import logprobs as ops_logprobs
 from rlhf_engine.ops import token_logprobs
 
 # (dtype, atol, rtol) for the fp32 outputs against float64 math on the same input values
@@ -75,6 +76,33 @@ def test_forward_backward_matches_float64(backend, n, v, dtype):
     ignored = targets == -100
     assert torch.all(x.grad[ignored] == 0)
     assert torch.all(logp[ignored] == 0) and torch.all(entropy[ignored] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_path_over_several_chunks(monkeypatch, temperature, return_entropy, dtype):
+    """The PyTorch path's reused chunk buffers (fp32 gradients built in place, others through fp32 scratch): 10 rows
+    in chunks of 3, 3, 3 and 1."""
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "torch")
+    n, v = 10, 1271
+    monkeypatch.setattr(ops_logprobs, "DEFAULT_CHUNK_ELEMENTS", 3 * v)
+    logits, targets = make_inputs(n, v, dtype)
+    x = logits.clone().requires_grad_()
+    out = token_logprobs(x, targets, temperature=temperature, return_entropy=return_entropy)
+    logp, entropy = out if return_entropy else (out, None)
+    g_logp = torch.randn(n)
+    g_ent = torch.randn(n) if return_entropy else torch.zeros(n)
+    (logp * g_logp + (0 if entropy is None else entropy * g_ent)).sum().backward()
+    ref_logp, ref_entropy = reference(logits, targets, temperature)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=2e-5 * max(1.0, ref_logp.abs().max().item()), rtol=1e-5)
+    if return_entropy:
+        torch.testing.assert_close(entropy.double(), ref_entropy, atol=2e-5, rtol=1e-5)
+    ref_grad, eager_err = grad_error_bound(logits, targets, temperature, g_logp, g_ent)
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    floor = GRAD_ULPS * torch.finfo(torch.float32).eps * max(1.0, ref_grad.abs().max().item()) * v**0.5
+    assert (x.grad.double() - ref_grad).abs().max().item() <= 2 * eager_err + floor
+    assert torch.all(x.grad[targets == -100] == 0)
 
 
 def test_logprob_only_gradient_and_leading_shape(backend):
