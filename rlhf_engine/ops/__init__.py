@@ -1,9 +1,24 @@
 """The public functional API of rlhf-engine: every op a trainer, a benchmark or an outside trainer needs.
 
+Stable (semantics, math and shapes in each docstring; per-token tensors are [..., T] with a same-shape mask):
+
+    token_logprobs(logits, targets)                       log p(target) [...] (+ entropy) from logits [..., V]
+    linear_logprobs(hidden, weight, targets, bias=)       the same from hidden [..., H] and the LM head [V, H]
+    kl_penalty(logp, ref_logp, kind)                      per-token KL estimate (k1 | abs | k2 | k3)
+    ppo_policy_loss(logp, old_logp, advantages, mask)     clipped surrogate (+ KL term) -> (loss, stats)
+    value_loss(values, old_values, returns, mask)         clipped critic loss -> (loss, stats)
+    gae(rewards, values, mask)                            (advantages, returns)
+    group_advantages(scores, group_size, kind=)           GRPO / RLOO outcome advantages [N]
+    masked_mean, masked_whiten, aggregate_loss            masked reductions
+    AGG_MODES, KL_KINDS                                   the accepted ``agg`` and ``kind`` strings
+
+For a Hugging Face model, ``rlhf_engine.integrations.hf.logprobs_from_model`` runs its body and
+``linear_logprobs`` on its LM head.
+
 Each op validates its inputs, then one dispatcher (``rlhf_engine.ops._dispatch``) picks the Triton kernels
 (CUDA tensors), the native C++ kernels (CPU tensors, for the ops that have them) or the PyTorch path;
-``RLHF_ENGINE_BACKEND=torch|triton|native`` forces one. These modules import torch and nothing else of ours
-at import time.
+``RLHF_ENGINE_BACKEND=torch|triton|native`` forces one (``select_backend`` and friends report the choice).
+These modules import torch and nothing else of ours at import time.
 """
 
 from rlhf_engine.ops._dispatch import native_available, requested_backend, select_backend, triton_available
@@ -22,21 +37,24 @@ from rlhf_engine.ops.ppo import (
 )
 
 __all__ = [
-    "AGG_MODES",
-    "KL_KINDS",
-    "aggregate_loss",
+    # the stable functional API
+    "token_logprobs",
+    "linear_logprobs",
+    "kl_penalty",
+    "ppo_policy_loss",
+    "value_loss",
     "gae",
     "group_advantages",
-    "kl_penalty",
-    "linear_logprobs",
     "masked_mean",
     "masked_whiten",
+    "aggregate_loss",
+    "AGG_MODES",
+    "KL_KINDS",
+    # the eager reference of token_logprobs (baseline of the benchmarks, oracle of the tests)
+    "token_logprobs_reference",
+    # backend introspection
     "native_available",
-    "ppo_policy_loss",
     "requested_backend",
     "select_backend",
-    "token_logprobs",
-    "token_logprobs_reference",
     "triton_available",
-    "value_loss",
 ]

@@ -76,17 +76,28 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # masked helpers and aggregation
 # ----------------------------------------------------------------------------------------------------------------
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """sum(values m) / sum(m) over ``dim`` (all by default), fp32; 0 where sum(m) == 0. Masked values may be NaN."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """Masked mean: sum(values m) / sum(m) over ``dim`` (all dimensions by default), 0 where sum(m) == 0.
+
+    values [...] (any floating dtype), mask [...] of the same shape (bool, integer or float weights; 0 = ignore).
+    Returns fp32: a 0-dim tensor, or the shape of ``values`` without ``dim``. Masked values may be NaN or inf;
+    they never reach the result. Differentiable w.r.t. values.
+    """
     m = _float_mask(mask)
     weighted = torch.where(m != 0, values.float() * m, 0.0)
     total, count = (weighted.sum(), m.sum()) if dim is None else (weighted.sum(dim), m.sum(dim))
     return torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8):
-    """(values - mean) / sqrt(var + eps) over the unmasked entries (unbiased variance); masked entries give 0.
-    With ``shift_mean=False`` the mean is added back (only the scale changes)."""
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Whitening over the unmasked entries: (values - mean) / sqrt(var + eps), masked entries give 0.
+
+    mean = masked_mean(values, mask) and var = sum((values - mean)^2 m) / (sum(m) - 1) (unbiased), both over all
+    entries. values [...], mask [...] of the same shape; returns [...] fp32. With ``shift_mean=False`` the mean is
+    added back (only the scale changes).
+    """
     m = _float_mask(mask)
     x = torch.where(m != 0, values.float(), 0.0)
     mean = masked_mean(x, m)
@@ -115,7 +126,16 @@ def _row_weights(row_mask_sum: torch.Tensor, agg: str, n_cols: int) -> torch.Ten
 
 
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
-    """Aggregates a per-token loss [..., T] under ``mask`` by ``agg`` (differentiable; masked entries ignored)."""
+    """Reduces a per-token loss L [..., T] under ``mask`` m [..., T] to a 0-dim fp32 loss; with R sequences:
+
+        token-mean               sum(L m) / sum(m)
+        seq-mean-token-sum       mean over counted sequences of sum_t(L m)
+        seq-mean-token-mean      mean over counted sequences of sum_t(L m) / sum_t(m)
+        seq-mean-token-sum-norm  sum(L m) / (R T)
+
+    A sequence without an unmasked token is not counted; an empty batch gives 0. Differentiable w.r.t. L; masked
+    entries are ignored (even NaN).
+    """
     _check_choice("aggregate_loss", "agg", agg, AGG_MODES)
     _check_same_shape("aggregate_loss", "per_token_loss", per_token_loss, mask=mask)
     m = _rows(_float_mask(mask))
@@ -127,9 +147,16 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: str = 
 # KL estimators
 # ----------------------------------------------------------------------------------------------------------------
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL estimate between the policy and the reference (fp32, differentiable w.r.t. both):
-    k1 = logp - ref; abs = |logp - ref|; k2 = 0.5 (logp - ref)^2; k3 = exp(d) - d - 1 with d = ref - logp clamped
-    to [-20, 20] and the result clamped to [-10, 10] (the low-variance estimator)."""
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs.
+
+        k1  = logp - ref
+        abs = |logp - ref|
+        k2  = 0.5 (logp - ref)^2
+        k3  = exp(d) - d - 1, d = ref - logp clamped to [-20, 20], result clamped to [-10, 10] (low variance)
+
+    logp, ref_logp [...] of one shape (any floating dtype). Returns [...] fp32, differentiable w.r.t. both.
+    Unmasked: multiply by the response mask, or reduce with ``masked_mean`` / ``aggregate_loss``.
+    """
     _check_choice("kl_penalty", "kind", kind, KL_KINDS)
     _check_same_shape("kl_penalty", "logp", logp, ref_logp=ref_logp)
     diff = logp.float() - ref_logp.float()
@@ -288,8 +315,11 @@ def ppo_policy_loss(
     kl_coef: float = 0.0,
     kl_kind: str = "k3",
     agg: str = "token-mean",
-):
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate (+ KL term), fused: returns ``(loss, stats)``.
+
+    Shapes: logp, old_logp, advantages, mask (and ref_logp) [..., T], one shape; any floating dtype (the mask may
+    be bool). ``loss`` is a 0-dim fp32 tensor.
 
     Per token: ratio = exp(logp - old_logp) (log-ratio clamped to [-20, 20]);
     L = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)); with ``dual_clip=c`` tokens with A < 0 are
@@ -340,10 +370,13 @@ def value_loss(
     *,
     clip: float | None = None,
     agg: str = "token-mean",
-):
-    """Critic loss 0.5 max((v - R)^2, (clamp(v, old - clip, old + clip) - R)^2) (no clip: 0.5 (v - R)^2),
-    aggregated by ``agg``. Returns ``(loss, stats)`` with stats clipfrac (share of tokens where the clipped term
-    is the larger) and value_mean."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped critic loss, aggregated by ``agg`` (see ``aggregate_loss``): returns ``(loss, stats)``.
+
+    Per token: 0.5 max((v - R)^2, (clamp(v, old - clip, old + clip) - R)^2), or 0.5 (v - R)^2 without ``clip``.
+    Shapes: values, old_values, returns, mask [..., T], one shape. ``loss`` is 0-dim fp32, differentiable w.r.t.
+    values; stats (0-dim fp32): clipfrac (share of tokens where the clipped term is the larger), value_mean.
+    """
     op = "value_loss"
     _check_same_shape(op, "values", values, old_values=old_values, returns=returns, mask=mask)
     _check_choice(op, "agg", agg, AGG_MODES)
@@ -405,8 +438,11 @@ def _gae_triton(rewards, values, mask, gamma, lam):
 
 
 @torch.no_grad()
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 1.0):
-    """Generalised advantage estimation over ``[..., T]``: returns ``(advantages, returns)``, fp32, no gradient.
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation: rewards, values, mask [..., T] -> ``(advantages, returns)`` [..., T],
+    fp32, no gradient.
 
     delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next, R_t = A_t + V_t, where "next" is the next
     unmasked position (0 after the last one). Masked positions are skipped (A = R = 0 there), so interior masked
@@ -429,10 +465,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 def group_advantages(
     scores: torch.Tensor, group_size: int, *, kind: str = "grpo", norm_std: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Outcome advantages for groups of ``group_size`` consecutive samples of one prompt (scores [N], fp32 out).
+    """Outcome advantages for groups of ``group_size`` consecutive samples of one prompt.
 
-    grpo: (s - group mean) / (group std, unbiased, + eps), or s - group mean with ``norm_std=False``;
-    rloo: s_i - mean of the other members of its group.
+    scores [N] (N a multiple of group_size; samples of one prompt adjacent) -> advantages [N] fp32, one per
+    sequence (broadcast it over the response tokens: ``adv[:, None] * mask``). For a group s_1..s_G:
+        grpo: (s_i - mean(s)) / (std(s) + eps), std unbiased; s_i - mean(s) with ``norm_std=False``
+        rloo: s_i - mean of the other G - 1 members
     """
     op = "group_advantages"
     _check_choice(op, "kind", kind, ("grpo", "rloo"))
