@@ -49,3 +49,28 @@ def test_bad_settings_are_named(setup):
         PPOConfig(algorithm="a2c")
     with pytest.raises(ValueError, match="exactly one of reward_model"):
         PPOTrainer(model, tokenizer, PPOConfig())
+
+
+def test_on_policy_update_reuses_its_own_forward(setup, tmp_path):
+    """With one epoch and one minibatch the old log-probs are the update's own (detached) forward: one policy
+    forward fewer a step, the same parameters as recomputing them, and the rollout/training mismatch still logged."""
+    from rlhf_engine.demo import task as demo_task
+
+    prompts = [demo_task.format_prompt(p) for p in demo_task.make_prompts(8, seed=0)]
+    results = []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        model = load_causal_lm(setup[0].name_or_path)
+        config = PPOConfig(algorithm="grpo", iterations=1, prompts_per_iteration=4, n_samples=2, max_new_tokens=8,
+                           ppo_epochs=1, minibatch_size=8, lr=1e-3, kl_coef=0.05, seed=3, reuse_logprobs=reuse)
+        trainer = PPOTrainer(model, setup[1], config, reward_fn=reward_fn)
+        calls = []
+        forward = trainer._logprobs
+        trainer._logprobs = lambda *a, _c=calls, _f=forward, **k: _c.append(1) or _f(*a, **k)
+        metrics = trainer.step(prompts[:4])
+        results.append(([p.detach().clone() for p in model.parameters()], metrics, len(calls)))
+    (reused, m_reused, n_reused), (recomputed, m_recomputed, n_recomputed) = results
+    assert n_reused == n_recomputed - 1  # the old-policy forward is skipped
+    assert m_reused["logprob_mismatch_max"] < 1e-3 and m_reused["clipfrac"] == 0.0
+    for a, b in zip(reused, recomputed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

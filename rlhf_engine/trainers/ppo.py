@@ -79,6 +79,8 @@ class PPOConfig(RunConfig):
     entropy_coef: float = option(0.0, "entropy bonus coefficient")
     tis_cap: float | None = option(None, "truncated importance sampling against the rollout's log-probs (None: off)")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
+    reuse_logprobs: bool = option(True, "on-policy updates (ppo_epochs 1, one minibatch, no KL in the reward) take "
+                                        "the old log-probs from the update's own forward, skipping a pass")
     max_prompt_length: int = option(128, "prompt tokens kept (from the right)")
 
     def __post_init__(self):
@@ -240,17 +242,23 @@ class PPOTrainer:
         mask = targets != -100
         device = next(self.policy.parameters()).device
         input_ids, attention_mask, targets = input_ids.to(device), attention_mask.to(device), targets.to(device)
-        old_logp = self._logprobs(self.policy_module, input_ids, attention_mask, targets)
+        # NOTE: an on-policy update (one epoch, one minibatch) has old = detached current log-probs (ratio 1), so
+        # its own forward gives them; the KL in the reward, though, needs them before the update.
+        on_policy = (cfg.reuse_logprobs and cfg.ppo_epochs == 1 and not (cfg.algorithm == "ppo" and cfg.kl_in_reward)
+                     and cfg.prompts_per_iteration * cfg.n_samples <= cfg.minibatch_size)
+        old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets)
         ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets)
         scores = self._scores(texts_p, texts_r).to(device)
         _nonfinite("reward", scores, self.iteration)
         mask, rollout_logp, last = mask.to(device), rollout_logp.to(device), last.to(device)
-        kl = kl_penalty(old_logp, ref_logp, cfg.kl_reward_kind) * mask
+        kl = kl_penalty(rollout_logp if on_policy else old_logp, ref_logp, cfg.kl_reward_kind) * mask
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask,
-                     old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp)
+                     ref_logp=ref_logp, rollout_logp=rollout_logp)
+        if not on_policy:
+            batch["old_logp"] = old_logp
         if cfg.algorithm == "ppo":
             values = self.critic_module(input_ids, attention_mask)[:, :-1] * mask
-            rewards = torch.zeros_like(old_logp)
+            rewards = torch.zeros_like(ref_logp)
             rewards[torch.arange(b, device=device), last] = scores
             if cfg.kl_in_reward:
                 rewards = rewards - self.kl_reward_coef * kl
@@ -258,7 +266,7 @@ class PPOTrainer:
             batch.update(values=values, returns=returns)
         else:
             group = group_advantages(scores, cfg.n_samples, kind=cfg.algorithm)
-            advantages = group[:, None].expand_as(old_logp) * mask
+            advantages = group[:, None].expand_as(ref_logp) * mask
         if cfg.whiten_advantages:
             advantages = self._whiten(advantages, mask)
         batch["advantages"] = advantages
@@ -268,10 +276,11 @@ class PPOTrainer:
             "reward_std": scores.std().item() if b > 1 else 0.0,
             "kl": seq_kl.item(),
             "response_length": mask.sum(-1).float().mean().item(),
-            "logprob_mismatch_max": ((old_logp - rollout_logp).abs() * mask).max().item(),
             "rollout_seconds": rollout_seconds,
             "tokens_per_s": self.engine.stats["decode_tokens"] / max(rollout_seconds, 1e-9),
         }
+        if not on_policy:  # else the update measures it on its own forward
+            stats["logprob_mismatch_max"] = ((old_logp - rollout_logp).abs() * mask).max().item()
         return {"batch": batch, "stats": self._reduce(stats), "responses": texts_r, "prompts": texts_p,
                 "scores": scores}
 
@@ -305,14 +314,21 @@ class PPOTrainer:
                 logp, entropy = self._logprobs(self.policy_module, mb["input_ids"], mb["attention_mask"],
                                                mb["targets"], entropy=True)
                 advantages = mb["advantages"]
+                old_logp = mb.get("old_logp")
+                mismatch = None
+                if old_logp is None:  # on-policy (see rollout): the training forward is the old policy
+                    old_logp = logp.detach()
+                    mismatch = ((old_logp - mb["rollout_logp"]).abs() * mb["mask"]).max().item()
                 if cfg.tis_cap is not None:
-                    weight = torch.exp(mb["old_logp"] - mb["rollout_logp"]).clamp(max=cfg.tis_cap) * mb["mask"]
+                    weight = torch.exp(old_logp - mb["rollout_logp"]).clamp(max=cfg.tis_cap) * mb["mask"]
                     advantages = advantages * weight
                 loss, stats = ppo_policy_loss(
-                    logp, mb["old_logp"], advantages, mb["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    logp, old_logp, advantages, mb["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                     dual_clip=cfg.dual_clip, ref_logp=mb["ref_logp"] if cfg.kl_coef else None, kl_coef=cfg.kl_coef,
                     kl_kind=cfg.kl_kind, agg=cfg.agg,
                 )
+                if not cfg.entropy_coef:  # logged only: no gradient, so the backward skips the entropy term
+                    entropy = entropy.detach()
                 entropy_mean = masked_mean(entropy, mb["mask"])
                 total = loss - cfg.entropy_coef * entropy_mean
                 _nonfinite("policy loss", total, self.iteration)
@@ -324,6 +340,8 @@ class PPOTrainer:
                 self.optimizer.step()
                 row = {"policy_loss": loss.item(), "entropy": entropy_mean.item(), "grad_norm": float(grad_norm)}
                 row.update({k: float(v) for k, v in stats.items()})
+                if mismatch is not None:
+                    row["logprob_mismatch_max"] = mismatch
                 if self.critic_module is not None:
                     values = self.critic_module(mb["input_ids"], mb["attention_mask"])[:, :-1]
                     vloss, vstats = value_loss(values, mb["values"], mb["returns"], mb["mask"], clip=cfg.vf_clip)
