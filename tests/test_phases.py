@@ -270,3 +270,13 @@ def test_example_configs_load(phase):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", f"{phase}.yaml")
     config = load_config(_config_class(phase), path)
     config.require("model", "data", "output_dir")
+
+
+def test_tokenizer_larger_than_the_model_is_named(tmp_path, data_files, capsys):
+    tokenizer = build_byte_tokenizer()
+    small = str(tmp_path / "small")
+    task.build_tiny_model_dir(small, vocab_size=200, seed=0, hidden_size=32)  # fewer rows than the 259 tokens
+    tokenizer.save_pretrained(small)
+    assert main(["sft", "--model", small, "--data", str(data_files / "sft.jsonl"), "--output-dir",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "the tokenizer has 259 tokens but the model's embedding has 200 rows" in capsys.readouterr().err

@@ -74,3 +74,29 @@ def test_on_policy_update_reuses_its_own_forward(setup, tmp_path):
     assert m_reused["logprob_mismatch_max"] < 1e-3 and m_reused["clipfrac"] == 0.0
     for a, b in zip(reused, recomputed, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_nonfinite_rewards_stop_or_skip(setup):
+    """A NaN reward stops the run naming the quantity and the iteration, or with skip_nonfinite the iteration is
+    skipped (no update) and counted."""
+    model, tokenizer = setup
+    prompts = [task.format_prompt(p) for p in task.make_prompts(4, seed=0)]
+    nan_reward = lambda p, r: [float("nan")] + [0.5] * (len(r) - 1)  # noqa: E731
+    config = dict(algorithm="grpo", iterations=1, prompts_per_iteration=2, n_samples=2, max_new_tokens=6, lr=1e-3)
+    with pytest.raises(FloatingPointError, match="iteration 0: a reward is not finite"):
+        PPOTrainer(model, tokenizer, PPOConfig(**config), reward_fn=nan_reward).step(prompts[:2])
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = PPOTrainer(model, tokenizer, PPOConfig(**config, skip_nonfinite=True), reward_fn=nan_reward)
+    metrics = trainer.step(prompts[:2])
+    assert metrics["skipped_iteration"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_ppo_logs_explained_variance(setup):
+    model, tokenizer = setup
+    config = PPOConfig(iterations=1, prompts_per_iteration=4, max_new_tokens=6, lr=1e-3, critic_lr=1e-3)
+    metrics = PPOTrainer(model, tokenizer, config, reward_fn=reward_fn).step(
+        [task.format_prompt(p) for p in task.make_prompts(4, seed=0)])
+    assert metrics["explained_variance"] <= 1.0 and metrics["skipped"] == 0.0
+    for key in ("reward_std", "response_length", "rollout_seconds", "train_seconds", "tokens_per_s", "value_loss"):
+        assert key in metrics, key

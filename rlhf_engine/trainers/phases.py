@@ -43,6 +43,17 @@ def _start(config, phase: str) -> tuple[torch.device, str | None, DistInfo]:
     return device, resume, dist
 
 
+def check_vocab(tokenizer, model, what: str = "model") -> None:
+    """Token ids the tokenizer can produce must index the model's embedding: a mismatch is an error, not a crash
+    (or, on GPU, a silent out-of-bounds read) in the middle of training."""
+    lm = getattr(model, "lm", model)
+    rows = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has {rows} rows: "
+                         f"ids >= {rows} would be out of range; use the model's own tokenizer or resize its "
+                         f"embeddings (model.resize_token_embeddings(len(tokenizer))) and save it")
+
+
 def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, dist: DistInfo,
             saved: str = "policy") -> dict:
     """The final model (the last checkpoint's, already gathered whole) and the summary of the whole run
@@ -72,6 +83,7 @@ def run_sft(config, *, progress: bool = True) -> dict:
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
                            device=device)
+    check_vocab(tokenizer, model)
     records = read_jsonl(config.data, "sft")
     eval_records = read_jsonl(config.eval_data, "sft") if config.eval_data else None
     train_sft(model, tokenizer, records, config, progress=progress, eval_examples=eval_records, resume_from=resume,
@@ -88,6 +100,7 @@ def run_reward(config, *, progress: bool = True) -> dict:
     tokenizer = load_tokenizer(config.model)
     source = os.path.join(resume, "reward_model") if resume else config.model
     model = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
+    check_vocab(tokenizer, model)
     pairs = read_jsonl(config.data, "preferences")
     eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
     train_reward_model(model, tokenizer, pairs, config, progress=progress, eval_pairs=eval_pairs, resume_from=resume,
@@ -105,6 +118,8 @@ def run_dpo(config, *, progress: bool = True) -> dict:
     policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
                             device=device)
     reference = load_causal_lm(config.ref_model or config.model, dtype=config.dtype, device=device)
+    check_vocab(tokenizer, policy)
+    check_vocab(tokenizer, reference, "reference model")
     pairs = read_jsonl(config.data, "preferences")
     eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
     train_dpo(policy, tokenizer, pairs, config, reference=reference, progress=progress, eval_pairs=eval_pairs,
@@ -147,10 +162,12 @@ def run_ppo(config, *, progress: bool = True) -> dict:
     else:
         reward_model = ScalarHeadModel.from_pretrained(config.reward_model, dtype=config.dtype, device=device)
         reward_model.requires_grad_(False)
+        check_vocab(tokenizer, reward_model, "reward model")
     if config.algorithm == "ppo":
         source = (os.path.join(resume, "critic") if resume else config.critic_model or config.reward_model
                   or config.model)
         critic = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
+    check_vocab(tokenizer, policy)
     prompts = [r.prompt for r in read_jsonl(config.data, "prompts")]
     trainer = PPOTrainer(policy, tokenizer, config, reward_model=reward_model, reward_fn=reward_fn, critic=critic,
                          reference=reference, dist=dist)

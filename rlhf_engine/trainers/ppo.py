@@ -79,6 +79,8 @@ class PPOConfig(RunConfig):
     entropy_coef: float = option(0.0, "entropy bonus coefficient")
     tis_cap: float | None = option(None, "truncated importance sampling against the rollout's log-probs (None: off)")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
+    skip_nonfinite: bool = option(False, "skip a minibatch whose loss or gradient is not finite (and an iteration "
+                                         "whose rewards are not), counted in `skipped`; false: stop, naming them")
     reuse_logprobs: bool = option(True, "on-policy updates (ppo_epochs 1, one minibatch, no KL in the reward) take "
                                         "the old log-probs from the update's own forward, skipping a pass")
     max_prompt_length: int = option(128, "prompt tokens kept (from the right)")
@@ -113,9 +115,9 @@ def _norm(value) -> float:
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
-def _nonfinite(name: str, value: torch.Tensor, iteration: int) -> None:
-    if not torch.isfinite(value).all():
-        raise FloatingPointError(f"iteration {iteration}: {name} is not finite; lower lr or check the reward")
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask)
 
 
 class PPOTrainer:
@@ -249,7 +251,12 @@ class PPOTrainer:
         old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets)
         ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets)
         scores = self._scores(texts_p, texts_r).to(device)
-        _nonfinite("reward", scores, self.iteration)
+        (bad_rewards,) = self.dist.all_reduce([float(not bool(torch.isfinite(scores).all()))])
+        if bad_rewards:
+            if not cfg.skip_nonfinite:
+                raise FloatingPointError(f"iteration {self.iteration}: a reward is not finite (NaN or inf from the "
+                                         f"reward model or reward_fn); fix the reward, or set skip_nonfinite: true")
+            scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)  # the update is skipped anyway
         mask, rollout_logp, last = mask.to(device), rollout_logp.to(device), last.to(device)
         kl = kl_penalty(rollout_logp if on_policy else old_logp, ref_logp, cfg.kl_reward_kind) * mask
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask,
@@ -264,6 +271,9 @@ class PPOTrainer:
                 rewards = rewards - self.kl_reward_coef * kl
             advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
             batch.update(values=values, returns=returns)
+            # how much of the returns' variance the critic explains (1 perfect, 0 a constant guess, < 0 worse)
+            unexplained = masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+            explained_variance = 1.0 - float(unexplained)
         else:
             group = group_advantages(scores, cfg.n_samples, kind=cfg.algorithm)
             advantages = group[:, None].expand_as(ref_logp) * mask
@@ -281,8 +291,10 @@ class PPOTrainer:
         }
         if not on_policy:  # else the update measures it on its own forward
             stats["logprob_mismatch_max"] = ((old_logp - rollout_logp).abs() * mask).max().item()
+        if cfg.algorithm == "ppo":
+            stats["explained_variance"] = explained_variance
         return {"batch": batch, "stats": self._reduce(stats), "responses": texts_r, "prompts": texts_p,
-                "scores": scores}
+                "scores": scores, "skip": bool(bad_rewards)}
 
     def _reduce(self, stats: dict) -> dict:
         """Means over ranks (every rank holds the same number of samples), sums for rates, max for maxima."""
@@ -331,12 +343,19 @@ class PPOTrainer:
                     entropy = entropy.detach()
                 entropy_mean = masked_mean(entropy, mb["mask"])
                 total = loss - cfg.entropy_coef * entropy_mean
-                _nonfinite("policy loss", total, self.iteration)
                 self.optimizer.zero_grad(set_to_none=True)
-                (total * scale).backward()
+                (total * scale).backward()  # even when not finite: every rank must join the gradient reduction
                 grad_norm = _norm(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
                                                                  cfg.max_grad_norm))
-                _nonfinite("policy grad norm", torch.tensor(grad_norm), self.iteration)
+                (bad_loss,) = self.dist.all_reduce([float(not bool(torch.isfinite(total)))])
+                if bad_loss or not math.isfinite(grad_norm):
+                    quantity = "policy loss" if bad_loss else "policy gradient norm"
+                    if not cfg.skip_nonfinite:
+                        raise FloatingPointError(f"iteration {self.iteration}: the {quantity} is not finite; lower "
+                                                 f"lr, check the reward, or set skip_nonfinite: true")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    sums["skipped"] = sums.get("skipped", 0.0) + 1
+                    continue
                 self.optimizer.step()
                 row = {"policy_loss": loss.item(), "entropy": entropy_mean.item(), "grad_norm": float(grad_norm)}
                 row.update({k: float(v) for k, v in stats.items()})
@@ -353,14 +372,19 @@ class PPOTrainer:
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        return self._reduce({k: v / count for k, v in sums.items()})
+        skipped = sums.pop("skipped", 0.0)
+        out = self._reduce({k: v / count for k, v in sums.items()}) if count else {}
+        return {**out, "skipped": skipped}
 
     def step(self, prompts: list[str]) -> dict:
         t0 = time.perf_counter()
         result = self.rollout(prompts)
         self.last_rollout = {k: result[k] for k in ("prompts", "responses", "scores")}
         t1 = time.perf_counter()
-        metrics = {"iteration": self.iteration, **result["stats"], **self.update(result["batch"])}
+        if result["skip"]:  # a non-finite reward with skip_nonfinite: no update this iteration
+            metrics = {"iteration": self.iteration, **result["stats"], "skipped": 1.0, "skipped_iteration": 1.0}
+        else:
+            metrics = {"iteration": self.iteration, **result["stats"], **self.update(result["batch"])}
         metrics["train_seconds"] = time.perf_counter() - t1
         metrics["seconds"] = time.perf_counter() - t0
         if self.config.adaptive_kl_target is not None and self.config.kl_in_reward:
@@ -370,7 +394,7 @@ class PPOTrainer:
         metrics["kl_reward_coef"] = self.kl_reward_coef
         self.iteration += 1
         for key, value in metrics.items():
-            if isinstance(value, float) and not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value) and not metrics.get("skipped"):
                 raise FloatingPointError(f"iteration {metrics['iteration']}: {key} is not finite")
         return metrics
 
