@@ -53,16 +53,18 @@ def test_bad_settings_are_named(setup):
 
 def test_on_policy_update_reuses_its_own_forward(setup, tmp_path):
     """With one epoch and one minibatch the old log-probs are the update's own (detached) forward: one policy
-    forward fewer a step, the same parameters as recomputing them, and the rollout/training mismatch still logged."""
+    forward fewer a step, the same parameters as recomputing them (and as running every row's prompt, rather than
+    sharing each prompt's KV with its samples), and the rollout/training mismatch still logged."""
     from rlhf_engine.demo import task as demo_task
 
     prompts = [demo_task.format_prompt(p) for p in demo_task.make_prompts(8, seed=0)]
     results = []
-    for reuse in (True, False):
+    for reuse, share in ((True, True), (False, False)):
         torch.manual_seed(0)
         model = load_causal_lm(setup[0].name_or_path)
         config = PPOConfig(algorithm="grpo", iterations=1, prompts_per_iteration=4, n_samples=2, max_new_tokens=8,
-                           ppo_epochs=1, minibatch_size=8, lr=1e-3, kl_coef=0.05, seed=3, reuse_logprobs=reuse)
+                           ppo_epochs=1, minibatch_size=8, lr=1e-3, kl_coef=0.05, seed=3, reuse_logprobs=reuse,
+                           share_prompts=share)
         trainer = PPOTrainer(model, setup[1], config, reward_fn=reward_fn)
         calls = []
         forward = trainer._logprobs
@@ -100,3 +102,48 @@ def test_ppo_logs_explained_variance(setup):
     assert metrics["explained_variance"] <= 1.0 and metrics["skipped"] == 0.0
     for key in ("reward_std", "response_length", "rollout_seconds", "train_seconds", "tokens_per_s", "value_loss"):
         assert key in metrics, key
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prompt_forward_equals_the_plain_one(kind):
+    """Each prompt run once with its KV shared by its n samples: the same log-probs, entropies and gradients as
+    running every row whole (unequal prompt and response lengths, right padding)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from rlhf_engine.models.heads import CausalLMLogprobs, position_ids_for
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2))
+    else:
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                        initializer_range=0.2, bos_token_id=0, eos_token_id=0))
+    lm.eval()  # GPT-2's dropout would make the two passes differ by chance
+    n, prompt_lengths = 3, [5, 9, 2]
+    rows = []
+    for length in prompt_lengths:
+        prompt = torch.randint(0, 97, (length,)).tolist()
+        rows += [(prompt, torch.randint(0, 97, (int(torch.randint(1, 8, ())),)).tolist()) for _ in range(n)]
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.full((len(rows), width - 1), -100)
+    for b, (p, r) in enumerate(rows):
+        ids[b, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[b, : len(p) + len(r)] = 1
+        targets[b, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
+    module = CausalLMLogprobs(lm)
+    results = []
+    for shared in (None, (n, prompt_lengths)):
+        logp, entropy = module(ids, mask, targets, position_ids=position_ids_for(mask), return_entropy=True,
+                               shared_prompts=shared)
+        (0.7 * logp.sum() + 0.1 * entropy.sum()).backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in lm.parameters()]))
+        lm.zero_grad()
+    (logp_a, ent_a, grads_a), (logp_b, ent_b, grads_b) = results
+    torch.testing.assert_close(logp_b, logp_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_b, ent_a, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logp_b != 0, targets != -100)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

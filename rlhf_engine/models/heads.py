@@ -3,6 +3,7 @@ real token (the reward model). Saved as a Hugging Face model directory plus ``sc
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -42,13 +43,66 @@ class CausalLMLogprobs(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, targets, *, position_ids=None, temperature: float = 1.0,
-                return_entropy: bool = False):
-        """log-probs [B, T-1] of ``targets`` [B, T-1] (position t predicts token t + 1); -100 targets give 0."""
+                return_entropy: bool = False, shared_prompts: tuple[int, list[int]] | None = None):
+        """log-probs [B, T-1] of ``targets`` [B, T-1] (position t predicts token t + 1); -100 targets give 0.
+
+        ``shared_prompts=(n, prompt_lengths)``: the rows come in groups of n that start with the same prompt (of
+        ``prompt_lengths[i]`` tokens for group i) and are right-padded, as rollouts of n samples per prompt are.
+        Each prompt then runs once and its KV is shared by its n rows, which run only their response tokens: the
+        same log-probs and gradients with about n times less prompt work.
+        """
+        if shared_prompts is not None and shared_prompts[0] > 1:
+            return self._shared_prompt_forward(input_ids, attention_mask, targets, *shared_prompts,
+                                               temperature=temperature, return_entropy=return_entropy)
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False)
         head = self.lm.get_output_embeddings()
         return linear_logprobs(out.last_hidden_state[:, :-1], head.weight, targets, bias=head.bias,
                                temperature=temperature, return_entropy=return_entropy)
+
+    def _shared_prompt_forward(self, input_ids, attention_mask, targets, n: int, prompt_lengths: list[int], *,
+                               temperature: float, return_entropy: bool):
+        from transformers import DynamicCache
+
+        b, width = input_ids.shape
+        device = input_ids.device
+        groups = len(prompt_lengths)
+        if groups * n != b:
+            raise ValueError(f"shared_prompts: {groups} prompts x n={n} != {b} rows")
+        plen = torch.tensor(prompt_lengths, device=device)  # [U]
+        p_max = int(plen.max())
+        cols = torch.arange(p_max, device=device)
+        prompt_mask = (cols[None] < plen[:, None]).long()  # [U, Pmax], right-padded prompts
+        cache = DynamicCache(config=self.lm.config)
+        # transformers >= 5.2x names the argument `cache`; earlier releases `past_key_values`
+        kv = "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters else "past_key_values"
+        first = self.lm.base_model(input_ids=input_ids[::n, :p_max], attention_mask=prompt_mask, use_cache=True,
+                                   **{kv: cache})
+        cache.batch_repeat_interleave(n)  # each prompt's KV for its n rows (a differentiable copy)
+        row_plen = plen.repeat_interleave(n)  # [B]
+        lengths = attention_mask.long().sum(-1)  # [B]
+        r_max = int((lengths - row_plen).max())
+        j = torch.arange(r_max, device=device)
+        index = (row_plen[:, None] + j[None]).clamp(max=width - 1)  # [B, R]: response token j of each row
+        in_response = (j[None] < (lengths - row_plen)[:, None])
+        response_ids = torch.where(in_response, input_ids.gather(1, index), 0)
+        full_mask = torch.cat([prompt_mask.repeat_interleave(n, 0), in_response.long()], dim=1)
+        second = self.lm.base_model(input_ids=response_ids, attention_mask=full_mask,
+                                    position_ids=row_plen[:, None] + j[None], use_cache=True, **{kv: cache})
+        # hidden state predicting response token j: the last prompt token's for j = 0, response token j-1's after
+        last_prompt = first.last_hidden_state[torch.arange(groups, device=device), plen - 1]  # [U, H]
+        hidden = torch.cat([last_prompt.repeat_interleave(n, 0)[:, None], second.last_hidden_state[:, :-1]], dim=1)
+        target_index = (row_plen[:, None] - 1 + j[None]).clamp(max=width - 2)  # [B, R] in target space
+        response_targets = torch.where(in_response, targets.gather(1, target_index), -100)
+        head = self.lm.get_output_embeddings()
+        out = linear_logprobs(hidden, head.weight, response_targets, bias=head.bias, temperature=temperature,
+                              return_entropy=return_entropy)
+        results = out if return_entropy else (out,)
+        scattered = []
+        for values in results:  # back to target space [B, T-1]; prompt and padding positions stay 0
+            full = values.new_zeros(b, width - 1)
+            scattered.append(full.scatter_add(1, target_index, torch.where(in_response, values, 0.0)))
+        return tuple(scattered) if return_entropy else scattered[0]
 
     def save_pretrained(self, path: str, state_dict: dict | None = None) -> None:
         if state_dict is None:

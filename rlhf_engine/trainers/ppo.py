@@ -81,6 +81,8 @@ class PPOConfig(RunConfig):
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
     skip_nonfinite: bool = option(False, "skip a minibatch whose loss or gradient is not finite (and an iteration "
                                          "whose rewards are not), counted in `skipped`; false: stop, naming them")
+    share_prompts: bool = option(True, "log-prob passes run each prompt once and share its KV with its n samples "
+                                       "(n_samples > 1; not under FSDP)")
     reuse_logprobs: bool = option(True, "on-policy updates (ppo_epochs 1, one minibatch, no KL in the reward) take "
                                         "the old log-probs from the update's own forward, skipping a pass")
     max_prompt_length: int = option(128, "prompt tokens kept (from the right)")
@@ -167,13 +169,19 @@ class PPOTrainer:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(self.config.max_prompt_length - 1) :]
         return ([self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []) + ids
 
-    def _logprobs(self, module, input_ids, attention_mask, targets, *, entropy=False):
+    def _logprobs(self, module, input_ids, attention_mask, targets, *, entropy=False, prompt_len=None):
         """log-probs (and entropy) of ``targets`` [B, L-1] under ``module`` (a CausalLMLogprobs, possibly
-        wrapped, or a plain causal LM) at the sampling temperature."""
+        wrapped, or a plain causal LM) at the sampling temperature. ``prompt_len`` [B] (rows in groups of
+        n_samples sharing a prompt, as the rollout lays them out) lets each prompt run once for its group."""
         if hasattr(module, "get_output_embeddings"):
             module = CausalLMLogprobs(module)
+        n = self.config.n_samples
+        shared = None
+        # NOTE: not under FSDP: the shared path runs the body twice in one forward, untested with FSDP2's hooks
+        if prompt_len is not None and self.config.share_prompts and n > 1 and self.dist.strategy != "fsdp":
+            shared = (n, prompt_len[::n].tolist())
         return module(input_ids, attention_mask, targets, position_ids=position_ids_for(attention_mask),
-                      temperature=self.config.temperature, return_entropy=entropy)
+                      temperature=self.config.temperature, return_entropy=entropy, shared_prompts=shared)
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``masked_whiten`` over the global batch: mean and (unbiased) variance from every rank's tokens."""
@@ -248,8 +256,10 @@ class PPOTrainer:
         # its own forward gives them; the KL in the reward, though, needs them before the update.
         on_policy = (cfg.reuse_logprobs and cfg.ppo_epochs == 1 and not (cfg.algorithm == "ppo" and cfg.kl_in_reward)
                      and cfg.prompts_per_iteration * cfg.n_samples <= cfg.minibatch_size)
-        old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets)
-        ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets)
+        prompt_len = torch.tensor([len(p) for p, _ in rows], device=device)
+        old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets,
+                                                         prompt_len=prompt_len)
+        ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets, prompt_len=prompt_len)
         scores = self._scores(texts_p, texts_r).to(device)
         (bad_rewards,) = self.dist.all_reduce([float(not bool(torch.isfinite(scores).all()))])
         if bad_rewards:
@@ -260,7 +270,7 @@ class PPOTrainer:
         mask, rollout_logp, last = mask.to(device), rollout_logp.to(device), last.to(device)
         kl = kl_penalty(rollout_logp if on_policy else old_logp, ref_logp, cfg.kl_reward_kind) * mask
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask,
-                     ref_logp=ref_logp, rollout_logp=rollout_logp)
+                     ref_logp=ref_logp, rollout_logp=rollout_logp, prompt_len=prompt_len)
         if not on_policy:
             batch["old_logp"] = old_logp
         if cfg.algorithm == "ppo":
@@ -319,12 +329,16 @@ class PPOTrainer:
         count = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(b, generator=torch.Generator().manual_seed(self.rng.randrange(2**31)))
+            whole = minibatch >= b
+            if whole:  # one minibatch: keep the rollout's order, so each prompt's group of samples stays together
+                order = torch.arange(b)
             for start in range(0, b, minibatch):
                 idx = order[start : start + minibatch].to(batch["input_ids"].device)
                 mb = {k: v[idx] for k, v in batch.items()}
                 scale = self._global_scale(mb["mask"], cfg.agg)
                 logp, entropy = self._logprobs(self.policy_module, mb["input_ids"], mb["attention_mask"],
-                                               mb["targets"], entropy=True)
+                                               mb["targets"], entropy=True,
+                                               prompt_len=mb.get("prompt_len") if whole else None)
                 advantages = mb["advantages"]
                 old_logp = mb.get("old_logp")
                 mismatch = None
