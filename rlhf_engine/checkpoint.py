@@ -99,7 +99,8 @@ def load_checkpoint_state(path: str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{path!r} is not a complete checkpoint (no {META_FILE})")
     with open(meta_path) as f:
         meta = json.load(f)
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    # NOTE: weights_only: loading a checkpoint never runs pickled code (tensors, dicts, tuples and numbers only)
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
     return meta, state
 
 

@@ -17,7 +17,7 @@ import torch
 from rlhf_engine.data.jsonl import PreferenceRecord, SFTRecord, write_jsonl
 from rlhf_engine.demo import annotator, task
 from rlhf_engine.demo.tokenizer import build_byte_tokenizer
-from rlhf_engine.metrics import format_table
+from rlhf_engine.metrics import format_table, read_metrics
 from rlhf_engine.models import load_causal_lm, load_tokenizer
 from rlhf_engine.models.heads import ScalarHeadModel
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
@@ -198,7 +198,7 @@ def run_demo(out_dir: str = "runs/demo", *, sft_steps: int = 300, rm_steps: int 
                               for p, b, a in zip(sample_prompts, samples_before, samples_after, strict=True)]
         seconds["ppo"] = round(time.perf_counter() - t0, 1)
 
-    rows = {name: _read_rows(os.path.join(out_dir, f"{name}_metrics.jsonl"))
+    rows = {name: read_metrics(os.path.join(out_dir, f"{name}_metrics.jsonl"))
             for name in ("sft", "reward_model", summary.get("algo", algo))}
     if all(rows.values()):
         algo_done = summary.get("algo", algo)
@@ -211,13 +211,6 @@ def run_demo(out_dir: str = "runs/demo", *, sft_steps: int = 300, rm_steps: int 
 def _write_rows(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def _read_rows(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def print_summary(summary: dict, out_dir: str) -> None:

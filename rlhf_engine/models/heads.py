@@ -3,6 +3,7 @@ real token (the reward model). Saved as a Hugging Face model directory plus ``sc
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -25,6 +26,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over the real tokens of each row, so left padding does not shift positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@functools.cache
+def _cache_argument(body_class) -> str:
+    """The KV-cache keyword of a transformers body: ``cache`` in newer releases, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
 
 
 def _strip(state_dict: dict, prefix: str) -> dict:
@@ -74,8 +81,7 @@ class CausalLMLogprobs(nn.Module):
         cols = torch.arange(p_max, device=device)
         prompt_mask = (cols[None] < plen[:, None]).long()  # [U, Pmax], right-padded prompts
         cache = DynamicCache(config=self.lm.config)
-        # transformers >= 5.2x names the argument `cache`; earlier releases `past_key_values`
-        kv = "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters else "past_key_values"
+        kv = _cache_argument(type(self.lm.base_model))
         first = self.lm.base_model(input_ids=input_ids[::n, :p_max], attention_mask=prompt_mask, use_cache=True,
                                    **{kv: cache})
         cache.batch_repeat_interleave(n)  # each prompt's KV for its n rows (a differentiable copy)

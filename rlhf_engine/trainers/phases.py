@@ -75,17 +75,27 @@ def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, di
     return summary
 
 
+def _load_policy(config, resume: str | None, device, tokenizer):
+    """The trained causal LM: from the checkpoint being resumed, else from ``config.model``; vocabulary checked."""
+    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
+                            device=device)
+    check_vocab(tokenizer, policy)
+    return policy
+
+
+def _read_data(config, kind: str) -> tuple[list, list | None]:
+    """The training records and, when ``eval_data`` is set, the held-out ones (validated, same format)."""
+    return read_jsonl(config.data, kind), read_jsonl(config.eval_data, kind) if config.eval_data else None
+
+
 def run_sft(config, *, progress: bool = True) -> dict:
     from rlhf_engine.trainers.sft import train_sft
 
     t0 = time.perf_counter()
     device, resume, dist = _start(config, "sft")
     tokenizer = load_tokenizer(config.model)
-    model = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
-                           device=device)
-    check_vocab(tokenizer, model)
-    records = read_jsonl(config.data, "sft")
-    eval_records = read_jsonl(config.eval_data, "sft") if config.eval_data else None
+    model = _load_policy(config, resume, device, tokenizer)
+    records, eval_records = _read_data(config, "sft")
     train_sft(model, tokenizer, records, config, progress=progress, eval_examples=eval_records, resume_from=resume,
               dist=dist)
     return _finish(config, "sft", ["loss", "grad_norm", "lr"],
@@ -101,8 +111,7 @@ def run_reward(config, *, progress: bool = True) -> dict:
     source = os.path.join(resume, "reward_model") if resume else config.model
     model = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
     check_vocab(tokenizer, model)
-    pairs = read_jsonl(config.data, "preferences")
-    eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
+    pairs, eval_pairs = _read_data(config, "preferences")
     train_reward_model(model, tokenizer, pairs, config, progress=progress, eval_pairs=eval_pairs, resume_from=resume,
                        dist=dist)
     return _finish(config, "reward", ["loss", "accuracy", "reward_margin"],
@@ -115,13 +124,10 @@ def run_dpo(config, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     device, resume, dist = _start(config, "dpo")
     tokenizer = load_tokenizer(config.model)
-    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
-                            device=device)
+    policy = _load_policy(config, resume, device, tokenizer)
     reference = load_causal_lm(config.ref_model or config.model, dtype=config.dtype, device=device)
-    check_vocab(tokenizer, policy)
     check_vocab(tokenizer, reference, "reference model")
-    pairs = read_jsonl(config.data, "preferences")
-    eval_pairs = read_jsonl(config.eval_data, "preferences") if config.eval_data else None
+    pairs, eval_pairs = _read_data(config, "preferences")
     train_dpo(policy, tokenizer, pairs, config, reference=reference, progress=progress, eval_pairs=eval_pairs,
               resume_from=resume, dist=dist)
     return _finish(config, "dpo", ["loss", "accuracy", "reward_margin"],
@@ -153,8 +159,7 @@ def run_ppo(config, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     device, resume, dist = _start(config, config.algorithm)
     tokenizer = load_tokenizer(config.model)
-    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
-                            device=device)
+    policy = _load_policy(config, resume, device, tokenizer)
     reference = load_causal_lm(config.model, dtype=config.dtype, device=device) if resume else None
     reward_model = reward_fn = critic = None
     if config.reward_fn:
@@ -167,7 +172,6 @@ def run_ppo(config, *, progress: bool = True) -> dict:
         source = (os.path.join(resume, "critic") if resume else config.critic_model or config.reward_model
                   or config.model)
         critic = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
-    check_vocab(tokenizer, policy)
     prompts = [r.prompt for r in read_jsonl(config.data, "prompts")]
     trainer = PPOTrainer(policy, tokenizer, config, reward_model=reward_model, reward_fn=reward_fn, critic=critic,
                          reference=reference, dist=dist)
