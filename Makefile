@@ -11,7 +11,7 @@ STAMP      := $(VENV)/.rlhf-engine-installed
 NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: setup
 	$(PY) benchmarks/bench_ppo_loss.py --json bench_out/ppo_loss.json
 	$(PY) benchmarks/bench_kv_cache.py --json bench_out/kv_cache.json
 	$(PY) benchmarks/bench_rollout.py --json bench_out/rollout.json
+
+# On a CUDA machine, with the interpreter given (no venv, no downloads): build _C with CUDA in place, the kernel,
+# cache and rollout tests on cuda, a bf16 smoke, the microbenchmarks; one table, exit 1 on any failure.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --json bench_out/gpu_check.json
 
 clean:
 	rm -rf build *.egg-info rlhf_engine/_C*.so

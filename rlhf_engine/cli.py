@@ -59,6 +59,10 @@ def _phase(phase: str, argv: list[str]) -> int:
         if arg == "--resume" and (i + 1 == len(overrides) or overrides[i + 1].startswith("--")):
             overrides.insert(i + 1, "true")
     config = load_config(cls, args.config, overrides)
+    if args.no_progress:
+        from rlhf_engine.progress import silence_library_bars
+
+        silence_library_bars()
     if phase in ("grpo", "rloo"):
         if any(o.lstrip("-").split("=")[0] == "algorithm" for o in overrides) and config.algorithm != phase:
             raise ValueError(f"`rlhf-engine {phase}` runs algorithm {phase}; drop --algorithm {config.algorithm}")
@@ -69,6 +73,11 @@ def _phase(phase: str, argv: list[str]) -> int:
 
 def _demo(args) -> int:
     from rlhf_engine.demo.run import print_summary, run_demo
+
+    if args.no_progress:
+        from rlhf_engine.progress import silence_library_bars
+
+        silence_library_bars()
 
     steps = {"sft_steps": args.sft_steps, "rm_steps": args.rm_steps, "ppo_iterations": args.ppo_iterations}
     if args.steps is not None:
@@ -108,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one command; returns its exit status. The process group a distributed run created is ended here."""
+    from rlhf_engine.distributed import shutdown_distributed
+
+    try:
+        return _main(argv)
+    finally:
+        shutdown_distributed()
+
+
+def entry() -> None:
+    """The console script (`rlhf-engine`, `python -m rlhf_engine.cli`): ``main``, then the exit. A process that ran
+    a process group ends through ``distributed.exit_process`` (see there why)."""
+    from rlhf_engine import distributed
+
+    status = main()
+    if distributed.ran_process_group():
+        distributed.exit_process(status)
+    sys.exit(status)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PHASES:
         from rlhf_engine.config import ConfigError
@@ -125,4 +155,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -84,7 +84,8 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``["--lr", "1e-4", "--bf16=true"]`` -> ``[("lr", "1e-4"), ("bf16", "true")]`` (dashes become underscores)."""
+    """``["--lr", "1e-4", "--packing=true"]`` -> ``[("lr", "1e-4"), ("packing", "true")]`` (dashes become
+    underscores)."""
     pairs, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -109,7 +110,10 @@ def build_config(cls, values: dict, *, source: str = "config"):
         raise ConfigError(f"{source}: expected a mapping of keys to values, found {type(values).__name__}")
     fields = _fields(cls)
     kwargs = {}
+    renamed = getattr(cls, "RENAMED_KEYS", {})
     for key, value in values.items():
+        if key not in fields and key in renamed:
+            raise ConfigError(f"{source}: key {key!r} of {cls.__name__} was replaced: use {renamed[key]}")
         if key not in fields:
             raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}{_nearest(key, list(fields))}")
         kwargs[key] = _coerce(cls.__name__, key, fields[key][1], value, source)

@@ -19,12 +19,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
+_OWNED_GROUP = False  # init_distributed created the default process group (and shutdown_distributed ends it)
+_RAN_GROUP = False  # this process has run a process group of its own
+
+
+def collective_device(backend: str) -> torch.device:
+    """The device whose tensors the process group's backend reduces: CUDA for NCCL, else the CPU.
+
+    NOTE: every collective of ours runs on tensors of this device rather than on a second, CPU-side (gloo)
+    group beside NCCL: that works with any group a host trainer made (an NCCL-only one included), needs no
+    second rendezvous, and costs one small host-device copy per call, which the trainers batch to a few a step.
+    """
+    backends = {part.split(":")[-1] for part in backend.lower().split(",")}
+    if backends & {"nccl", "xccl"}:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"the process group's backend is {backend!r} but torch sees no CUDA device")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass
@@ -32,6 +50,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     strategy: str = "none"
+    device: torch.device = torch.device("cpu")  # where collectives run (``collective_device``)
 
     @property
     def is_main(self) -> bool:
@@ -42,16 +61,31 @@ class DistInfo:
         return self.world_size > 1
 
     def all_reduce(self, values: list[float]) -> list[float]:
-        """Sums of ``values`` over ranks (a no-op in one process)."""
+        """Sums of ``values`` over ranks, in one collective (a no-op in one process)."""
         if not self.enabled:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
+    def reduce_stats(self, sums: dict[str, float], maxima: dict[str, float] | None = None) -> dict[str, float]:
+        """Sums over ranks of ``sums`` and maxima over ranks of ``maxima``, in one collective (an all-gather of
+        one row of floats per rank), whatever the number of keys."""
+        maxima = maxima or {}
+        if not self.enabled:
+            return {**{k: float(v) for k, v in sums.items()}, **{k: float(v) for k, v in maxima.items()}}
+        keys_s, keys_m = sorted(sums), sorted(maxima)
+        row = torch.tensor([float(sums[k]) for k in keys_s] + [float(maxima[k]) for k in keys_m],
+                           dtype=torch.float64, device=self.device)
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        dist.all_gather(rows, row)
+        table = torch.stack(rows)  # [world, keys]
+        values = torch.cat([table[:, : len(keys_s)].sum(0), table[:, len(keys_s) :].amax(0)]).tolist()
+        return dict(zip(keys_s + keys_m, values, strict=True))
+
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
 
     def shard(self, items: list) -> list:
         """This rank's share of a global list: ``items[rank::world]``; the list must divide evenly."""
@@ -69,15 +103,52 @@ def init_distributed(strategy: str, device: torch.device) -> DistInfo:
     if world == 1 and not dist.is_initialized():
         return DistInfo(strategy="none")
     if not dist.is_initialized():
+        global _OWNED_GROUP, _RAN_GROUP
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
+        _OWNED_GROUP = _RAN_GROUP = True
     world, rank = dist.get_world_size(), dist.get_rank()
     if world == 1:
         return DistInfo(strategy="none")
     if strategy == "none":
         raise ValueError(f"strategy: none in a run of {world} processes would train {world} unrelated models; "
                          f"use strategy: fsdp or ddp")
-    return DistInfo(rank=rank, world_size=world, strategy="fsdp" if strategy == "auto" else strategy)
+    return DistInfo(rank=rank, world_size=world, strategy="fsdp" if strategy == "auto" else strategy,
+                    device=collective_device(str(dist.get_backend())))
+
+
+def shutdown_distributed() -> bool:
+    """Ends the process group ``init_distributed`` created (every rank calls it; a no-op otherwise); returns
+    whether there was one. A group made by the caller is the caller's to end."""
+    global _OWNED_GROUP
+    if not (_OWNED_GROUP and dist.is_initialized()):
+        return False
+    _OWNED_GROUP = False
+    dist.destroy_process_group()
+    return True
+
+
+def ran_process_group() -> bool:
+    """Whether ``init_distributed`` created a process group in this process (ended or not)."""
+    return _RAN_GROUP
+
+
+def exit_process(status: int):
+    """Ends a process that has run a process group: output flushed, then ``os._exit`` without interpreter
+    teardown.
+
+    NOTE: why not a plain return. ``destroy_process_group`` does not join the backend's threads (gloo's run loops,
+    the TCPStore's event loop): torch.distributed.tensor keeps the FSDP DeviceMesh, and through it the group,
+    alive in its caches, so those threads run until the interpreter's own teardown destroys the group. That
+    destructor then races the finalising interpreter (a thread that touches Python state is stopped by a forced
+    unwind) and the process dies of SIGABRT, "terminate called without an active exception", after a run that
+    succeeded. Nothing is left to tear down once the run's files are closed and its output flushed, so the
+    process ends there. Only entry points call this (the CLI, spawned workers), never library code.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -98,18 +169,20 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-def wrap(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, info: DistInfo, *, mixed_precision=None) -> torch.nn.Module:
     """The module to train: FSDP2-sharded in place (one unit per block, plus the root), DDP-wrapped, or itself.
 
-    Training code must call the returned module's ``forward`` (the hooks that gather parameters and reduce
-    gradients hang there), never a submodule's.
+    ``mixed_precision``: an FSDP2 ``MixedPrecisionPolicy`` (``precision.fsdp_mixed_precision``); DDP and one
+    process run the fp32 module under autocast instead. Training code must call the returned module's
+    ``forward`` (the hooks that gather parameters and reduce gradients hang there), never a submodule's.
     """
     if info.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        kwargs = {} if mixed_precision is None else {"mp_policy": mixed_precision}
         for block in _blocks(module):
-            fully_shard(block)
-        fully_shard(module)
+            fully_shard(block, **kwargs)
+        fully_shard(module, **kwargs)
         return module
     if info.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -7,6 +7,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402, F401  (imported here, under the interpreter, whatever a test later sets)
+
+# `make gpu-check` runs the kernel tests with their tensors on the GPU: the default device is the test device
+if os.environ.get("RLHF_ENGINE_TEST_DEVICE", "cpu") != "cpu":
+    torch.set_default_device(os.environ["RLHF_ENGINE_TEST_DEVICE"])
 
 BACKENDS = ["torch", "triton"]  # triton is a dev dependency: its absence must fail, not skip
 

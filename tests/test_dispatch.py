@@ -1,6 +1,4 @@
-"""The dispatcher: forced backends, the automatic choice, and the fallback of an automatic Triton call."""
-
-import logging
+"""The dispatcher: forced backends, the automatic choice, and a failing kernel that raises (never falls back)."""
 
 import pytest
 import torch
@@ -33,27 +31,62 @@ def test_unknown_backend_is_named(monkeypatch):
         token_logprobs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
 
 
-def test_automatic_triton_failure_falls_back_once(monkeypatch, caplog):
-    monkeypatch.delenv("RLHF_ENGINE_BACKEND", raising=False)
-    monkeypatch.setattr(_dispatch, "select_backend", lambda op, *t, available: ("triton", False))
-    monkeypatch.setattr(_dispatch, "_fallback_logged", set())
-
-    def broken(*args):
-        raise RuntimeError("no GPU here")
-
-    with caplog.at_level(logging.DEBUG, logger="rlhf_engine.ops"):
-        for _ in range(3):
-            impls = {"triton": broken, "torch": lambda x: x + 1}
-            backend, out = _dispatch.run("op", (torch.zeros(1),), impls, torch.zeros(1))
-            assert backend == "torch" and out.item() == 1.0
-    assert sum("triton path failed" in r.message for r in caplog.records) == 1
-
-
-def test_forced_triton_failure_raises(monkeypatch):
-    monkeypatch.setattr(_dispatch, "select_backend", lambda op, *t, available: ("triton", True))
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_failing_kernel_raises_naming_op_backend_shapes_and_the_switch(monkeypatch, forced):
+    monkeypatch.setattr(_dispatch, "select_backend", lambda op, *t, available: ("triton", forced))
+    calls = []
 
     def broken(*args):
         raise RuntimeError("kernel failed")
 
-    with pytest.raises(RuntimeError, match="kernel failed"):
-        _dispatch.run("op", (torch.zeros(1),), {"triton": broken, "torch": lambda x: x}, torch.zeros(1))
+    def torch_path(x):
+        calls.append(x)
+        return x
+
+    for _ in range(2):  # every call raises: nothing is cached, nothing falls back
+        with pytest.raises(_dispatch.KernelError) as info:
+            _dispatch.run("op", (torch.zeros(3, 5),), {"triton": broken, "torch": torch_path}, torch.zeros(1))
+        message = str(info.value)
+        for part in ("op:", "triton kernel failed", "(3, 5) float32 on cpu", "RuntimeError: kernel failed",
+                     "RLHF_ENGINE_BACKEND=torch"):
+            assert part in message
+        assert isinstance(info.value.__cause__, RuntimeError)
+    assert calls == []
+
+
+def _break_triton_kernels(monkeypatch):
+    from rlhf_engine.kernels import logprobs as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compile error")
+
+    monkeypatch.setattr(kernels, "token_logprobs_forward", broken)
+    monkeypatch.setattr(kernels, "token_logprobs_backward", broken)
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "triton")
+
+
+def test_token_logprobs_kernel_failure_is_named(monkeypatch):
+    _break_triton_kernels(monkeypatch)
+    with pytest.raises(_dispatch.KernelError, match=r"token_logprobs: the triton kernel failed .*\(4, 7\) float32"):
+        token_logprobs(torch.randn(4, 7), torch.zeros(4, dtype=torch.long))
+
+
+def test_linear_logprobs_kernel_failure_is_named_forward_and_backward(monkeypatch):
+    from rlhf_engine.kernels import logprobs as kernels
+    from rlhf_engine.ops import linear_logprobs
+
+    hidden, weight = torch.randn(4, 3, requires_grad=True), torch.randn(9, 3)
+    targets = torch.zeros(4, dtype=torch.long)
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "triton")
+    out = linear_logprobs(hidden, weight, targets)
+    with monkeypatch.context() as patched:
+        _break_triton_kernels(patched)
+        with pytest.raises(_dispatch.KernelError, match=r"linear_logprobs: the triton kernel failed .*\(9, 3\)"):
+            linear_logprobs(hidden, weight, targets)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bad launch")
+
+    monkeypatch.setattr(kernels, "token_logprobs_backward", broken)
+    with pytest.raises(_dispatch.KernelError, match=r"linear_logprobs \(backward\): the triton kernel failed"):
+        out.sum().backward()

@@ -4,6 +4,7 @@ world size 1 with the metrics of an uninterrupted run."""
 
 import os
 import socket
+import traceback
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from rlhf_engine.cli import main
 from rlhf_engine.data.jsonl import PreferenceRecord, SFTRecord, read_jsonl, write_jsonl
 from rlhf_engine.demo import task
 from rlhf_engine.demo.tokenizer import build_byte_tokenizer
-from rlhf_engine.distributed import full_state, init_distributed
+from rlhf_engine.distributed import collective_device, exit_process, full_state, init_distributed
 from rlhf_engine.metrics import read_metrics
 from rlhf_engine.models import load_causal_lm, load_tokenizer
 
@@ -28,14 +29,20 @@ def _free_port() -> int:
 
 
 def _entry(rank, world, port, fn, args):
+    """One rank: ``fn(*args)``, the process group ended, then the exit the CLI takes (``exit_process``: a return
+    would let the interpreter's teardown race the backend's threads; see rlhf_engine.distributed)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    status = 0
     try:
         fn(*args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()  # the parent sees the exit status; the traceback goes to the captured stderr
+        status = 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    exit_process(status)
 
 
 def _spawn(fn, *args, world=2):
@@ -219,3 +226,60 @@ def test_grpo_cli_at_world_size_2(setup, tmp_path):
     rows = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [0, 1] and all(r["logprob_mismatch_max"] < 1e-3 for r in rows)
     assert load_causal_lm(str(tmp_path / "out" / "model")).config.vocab_size == 259
+
+
+# -- collectives --------------------------------------------------------------------------------------------------
+
+
+def test_collective_device_follows_the_backend():
+    assert collective_device("gloo") == torch.device("cpu")
+    assert collective_device("cpu:gloo") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            collective_device("nccl")
+
+
+def _reduce_stats(out):
+    info = init_distributed("fsdp", torch.device("cpu"))
+    calls = []
+    original = dist.all_gather
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].device)
+        return original(*args, **kwargs)
+
+    dist.all_gather = counted
+    try:
+        stats = info.reduce_stats({"a": 1.0 + info.rank, "b": 2.0}, {"m_max": 10.0 * info.rank, "n_max": -info.rank})
+    finally:
+        dist.all_gather = original
+    if info.is_main:
+        torch.save({"stats": stats, "calls": calls, "device": info.device}, out)
+
+
+def test_reduce_stats_is_one_collective_on_the_group_device(tmp_path):
+    _spawn(_reduce_stats, str(tmp_path / "stats.pt"))
+    out = torch.load(str(tmp_path / "stats.pt"))
+    assert out["stats"] == {"a": 3.0, "b": 4.0, "m_max": 10.0, "n_max": 0.0}
+    assert out["calls"] == [out["device"]] == [torch.device("cpu")]
+
+
+def test_no_collective_outside_the_distributed_module():
+    """Every collective goes through DistInfo, whose tensors live on the group's device (NCCL takes no CPU
+    tensors): none may be called on torch.distributed directly elsewhere in the package."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "rlhf_engine"
+    ops = r"\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|reduce|gather|scatter|barrier)\("
+    offenders = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        if path.name == "distributed.py":
+            continue
+        # `dist` is torch.distributed only where the module imports it so (elsewhere it names a DistInfo)
+        names = r"torch\.distributed" + (r"|(?<![.\w])dist" if "import torch.distributed as dist" in text else "")
+        pattern = re.compile(rf"\b({names}){ops}")
+        offenders += [f"{path.relative_to(root)}:{i}" for i, line in enumerate(text.splitlines(), 1)
+                      if pattern.search(line)]
+    assert offenders == []

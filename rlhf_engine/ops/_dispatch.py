@@ -8,24 +8,30 @@ the ops that have them) and ``torch`` (the PyTorch path every op has).
   the CPU and ``TRITON_INTERPRET=1`` is not set (that is how the tests run the kernels on CPU tensors).
 - ``RLHF_ENGINE_BACKEND=native``: the C++ CPU kernels; raises for an op without one or for non-CPU tensors.
 - unset / ``auto``: Triton when every tensor is on CUDA and Triton imports; native when every tensor is on the
-  CPU and the op has a native kernel; else PyTorch. An automatic choice that fails falls back to PyTorch with
-  one debug log per op.
+  CPU and the op has a native kernel; else PyTorch.
+
+The decision uses only what is known before the launch (device, importability, the op's own limits). A kernel
+that then fails raises ``KernelError`` naming the op, the backend, the shapes and how to force another backend:
+never a silent fallback, which on a GPU would hide a broken kernel, retry its compile on every call, and run on
+after a CUDA fault has left the context unusable. Triton launches run under the tensors' device
+(``torch.cuda.device``), as the C++ ops do with their device guard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import logging
 import os
 from collections.abc import Callable
 
 import torch
 
-logger = logging.getLogger("rlhf_engine.ops")
-
 BACKENDS = ("torch", "triton", "native")
 _ENV = "RLHF_ENGINE_BACKEND"
-_fallback_logged: set[str] = set()
+
+
+class KernelError(RuntimeError):
+    """A kernel failed after the dispatcher chose it; the cause is chained (``__cause__``)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,21 +110,40 @@ def select_backend(op: str, *tensors: torch.Tensor, available=("torch", "triton"
     return "torch", False
 
 
+def _describe(tensors) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}" for t in tensors)
+
+
+def device_of(tensors) -> contextlib.AbstractContextManager:
+    """The CUDA device the tensors live on, made current for a launch (a no-op for CPU tensors)."""
+    for t in tensors:
+        if t.is_cuda:
+            return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def launch(op: str, backend: str, tensors: tuple[torch.Tensor, ...], fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on ``backend``, under the tensors' device; a failure raises ``KernelError``.
+
+    Every launch of a non-PyTorch implementation goes through here, the backwards included, so that each op
+    fails alike.
+    """
+    if backend == "torch":
+        return fn(*args, **kwargs)
+    try:
+        with device_of(tensors):
+            return fn(*args, **kwargs)
+    except Exception as err:
+        raise KernelError(
+            f"{op}: the {backend} kernel failed on inputs [{_describe(tensors)}]: {type(err).__name__}: {err}. "
+            f"Run the PyTorch path with {_ENV}=torch (every op has one) and report the failure with these shapes"
+        ) from err
+
+
 def run(op: str, tensors: tuple[torch.Tensor, ...], impls: dict[str, Callable], *args, **kwargs):
     """Runs ``op`` on the selected backend among ``impls`` (name -> function, "torch" required).
 
     Returns ``(backend, result)`` so that a backward can stay on the forward's backend.
     """
-    backend, forced = select_backend(op, *tensors, available=tuple(impls))
-    if backend != "torch":
-        try:
-            return backend, impls[backend](*args, **kwargs)
-        except Exception as err:
-            if forced:
-                raise
-            if op not in _fallback_logged:
-                _fallback_logged.add(op)
-                logger.debug(
-                    "%s: %s path failed (%s: %s); using the PyTorch path", op, backend, type(err).__name__, err
-                )
-    return "torch", impls["torch"](*args, **kwargs)
+    backend, _ = select_backend(op, *tensors, available=tuple(impls))
+    return backend, launch(op, backend, tensors, impls[backend], *args, **kwargs)

@@ -195,6 +195,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
             op_name, (logits, targets), _ROWS_FORWARD, logits, targets, inv_temperature, ignore_index, return_entropy
         )
         ctx.backend, ctx.inv_temperature, ctx.ignore_index = backend, inv_temperature, ignore_index
+        ctx.op_name = op_name
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, targets, lse, entropy)
         return (logp, entropy) if return_entropy else logp
@@ -207,7 +208,8 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        grad_logits = _ROWS_BACKWARD[ctx.backend](
+        grad_logits = _dispatch.launch(
+            f"{ctx.op_name} (backward)", ctx.backend, (logits, targets), _ROWS_BACKWARD[ctx.backend],
             logits, targets, lse, entropy, grad_logp.float().contiguous(), grad_entropy, ctx.inv_temperature,
             ctx.ignore_index,
         )
@@ -274,8 +276,9 @@ class _LinearLogprobsFunction(torch.autograd.Function):
             rows = slice(start, end)
             if not torch_path:
                 logits_c = F.linear(h[rows], weight, bias)  # [m, V]
-                logp_v[rows], lse_v[rows], ent_c = _triton_rows_forward(
-                    logits_c, t[rows], inv_temperature, ignore_index, return_entropy
+                logp_v[rows], lse_v[rows], ent_c = _dispatch.launch(
+                    op_name, backend, (hidden, weight), _triton_rows_forward,
+                    logits_c, t[rows], inv_temperature, ignore_index, return_entropy,
                 )
             else:
                 buf = torch.empty(shape, dtype=torch.float32, device=h.device) if buf is None else buf
@@ -290,7 +293,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         logp.index_copy_(0, valid_idx, logp_v)
         if return_entropy:
             entropy.index_copy_(0, valid_idx, ent_v)
-        ctx.backend, ctx.bounds, ctx.cache, ctx.n_rows = backend, bounds, cache, n_rows
+        ctx.backend, ctx.bounds, ctx.cache, ctx.n_rows, ctx.op_name = backend, bounds, cache, n_rows, op_name
         ctx.inv_temperature, ctx.ignore_index, ctx.has_bias = inv_temperature, ignore_index, bias is not None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, weight, bias, t, valid_idx, lse_v, ent_v)
@@ -328,7 +331,8 @@ class _LinearLogprobsFunction(torch.autograd.Function):
             g_ent_c = None if g_ent is None else g_ent[rows]
             if not torch_path:
                 # NOTE: the logits chunk is recomputed (one extra matmul) instead of kept: that is the memory win.
-                q = _triton_rows_backward(
+                q = _dispatch.launch(
+                    f"{ctx.op_name} (backward)", ctx.backend, (h, weight), _triton_rows_backward,
                     F.linear(h[rows], weight, bias), t[rows], lse_v[rows], None if ent_v is None else ent_v[rows],
                     g[rows], g_ent_c, invt, ctx.ignore_index, inplace=True,
                 )  # d loss / d logits [m, V], the logits' dtype

@@ -260,6 +260,9 @@ class RolloutEngine:
                 f"and {params.n} sequence slots; the engine has {num_blocks} blocks (max_num_blocks) and "
                 f"{self.max_num_seqs} slots (max_num_seqs): raise them or lower n / max_new_tokens"
             )
+        dtype = next(self.model.parameters()).dtype  # FSDP's gathered parameters come in the compute dtype
+        if dtype != self.dtype:
+            self.dtype, self.pool, self.caches = dtype, None, []
         self._ensure_pool(num_blocks)
         version = self._current_weights_version()
         if version != self._weights_version:

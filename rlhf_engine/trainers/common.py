@@ -1,5 +1,5 @@
 """What the SFT, reward-model and DPO phases share: the config fields every phase has, the optimizer and schedule,
-and one training loop with gradient accumulation, bf16 autocast, clipping, a non-finite guard, metrics, periodic
+and one training loop with gradient accumulation, mixed precision, clipping, a non-finite guard, metrics, periodic
 evaluation, atomic checkpoints and exact resume.
 
 The loop normalises by the whole accumulation window: each phase's ``loss_fn`` returns *sums* (over tokens for
@@ -21,6 +21,7 @@ import torch
 from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
+from rlhf_engine.precision import LossScaler, autocast, check_precision, fsdp_mixed_precision
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -45,7 +46,9 @@ class RunConfig:
     data: str = option("", "training JSONL file (required by the CLI)")
     output_dir: str = option("", "where metrics.jsonl, checkpoints/ and the final model/ go (required by the CLI)")
     seed: int = option(0, "seed of the data order, initialisation and sampling")
-    dtype: str = option("float32", "dtype the model is loaded in: float32 | bfloat16 | float16")
+    precision: str = option("fp32", "fp32 | bf16 | fp16: forward and backward in that dtype, fp32 master weights, "
+                                     "gradients and optimizer state; fp16 adds dynamic loss scaling")
+    tf32: bool = option(True, "TF32 tensor cores for fp32 matmuls on CUDA GPUs that have them")
     device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
     save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
@@ -58,10 +61,13 @@ class RunConfig:
         cls = type(self).__name__
         if self.strategy not in STRATEGIES:
             raise ValueError(f"{cls}.strategy must be one of {list(STRATEGIES)}, found {self.strategy!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"{cls}.dtype must be float32, bfloat16 or float16, found {self.dtype!r}")
+        check_precision(cls, self.precision)
         _positive_int(cls, "save_every", self.save_every, minimum=0)
         _positive_int(cls, "save_total_limit", self.save_total_limit)
+
+    # keys of earlier releases: naming one is an error that names its replacement
+    RENAMED_KEYS = {"dtype": "precision: fp32 | bf16 | fp16 (weights stay fp32; compute runs in that dtype)",
+                    "bf16": "precision: bf16"}
 
     def require(self, *names: str) -> None:
         """The CLI's check that the run's paths are set: names the missing field and how to set it."""
@@ -87,7 +93,6 @@ class TrainConfig(RunConfig):
     adam_betas: tuple[float, ...] = option((0.9, 0.999), "AdamW betas")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
     max_length: int = option(512, "tokens per sequence; the prompt is kept whole and the response cut to fit")
-    bf16: bool = option(False, "bf16 autocast for forward passes (weights and optimizer stay in their dtype)")
     skip_nonfinite: bool = option(True, "skip an optimizer step whose loss or gradient is not finite")
     max_skipped_steps: int = option(10, "abort after this many consecutive skipped steps")
     log_every: int = option(1, "write a metrics row every this many steps")
@@ -182,7 +187,8 @@ class Trainer:
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"{phase}: the model has no trainable parameters")
         self.device = next(module.parameters()).device
-        self.module = wrap(module, self.dist)
+        self.module = wrap(module, self.dist, mixed_precision=fsdp_mixed_precision(config.precision))
+        self.scaler = LossScaler(config.precision)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.save_as = save_as
         self.tokenizer = tokenizer
@@ -200,7 +206,8 @@ class Trainer:
         model_state, optim_state = full_state(self.module, self.optimizer)
         return model_state, {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                              "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "step": self.step,
-                             "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.dist.world_size}
+                             "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.dist.world_size,
+                             "loss_scale": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Optimizer, schedule, sampler and RNG state (the weights were loaded into the model before wrapping)."""
@@ -210,6 +217,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+        self.scaler.load_state_dict(state.get("loss_scale"))
 
     def save(self) -> str | None:
         model_state, state = self.state_dict()
@@ -224,7 +232,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        return autocast(self.config.precision, self.device)
 
     def fit(self, sample, collate, loss_fn, weight_fn, *, evaluate=None, resume_from: str | None = None,
             on_step=None, weight_name: str = "examples") -> list[dict]:
@@ -234,7 +242,7 @@ class Trainer:
         share of it) -> batch; loss_fn(batch) -> dict of sums over the batch ("loss" with grad);
         weight_fn(batch) -> the count those sums are over; evaluate() -> dict of held-out metrics (optional).
         """
-        from tqdm.auto import tqdm
+        from rlhf_engine.progress import progress_bar
 
         cfg = self.config
         if resume_from is not None:
@@ -242,7 +250,7 @@ class Trainer:
             self.load_state_dict(state)
         logger = open_metrics(cfg, self.dist, self.step if resume_from else None)
         history = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.phase, disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(cfg.steps, initial=self.step, desc=self.phase, enabled=self.progress)
         end = min(cfg.steps, self.step + cfg.stop_after_steps) if cfg.stop_after_steps else cfg.steps
         try:
             while self.step < end:
@@ -281,18 +289,24 @@ class Trainer:
             # (sum over every rank's tokens) / (global count), whatever the world size.
             loss = out["loss"] * (world / max(total, 1))
             finite = finite and bool(torch.isfinite(loss))
-            loss.backward()  # even when not finite: every rank must join the gradient reduction
+            (loss * self.scaler.scale).backward()  # even when not finite: every rank joins the reduction
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+        self.scaler.unscale_(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         keys = sorted(sums)
         *reduced, n_finite = self.dist.all_reduce([sums[k] for k in keys] + [float(finite)])
         finite = n_finite == world and math.isfinite(grad_norm)
         row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0]}
+        overflow = self.scaler.update(finite)  # fp16: an overflow halves the scale and skips, it is no failure
+        if self.scaler.enabled:
+            row["loss_scale"] = self.scaler.scale
         if finite:
             self.optimizer.step()
             self.skipped_in_a_row = 0
+        elif overflow:
+            row["skipped"] = 1
         else:
             if not cfg.skip_nonfinite:
                 raise FloatingPointError(f"{self.phase} step {self.step}: the loss or gradient is not finite; "

@@ -15,7 +15,6 @@ Both go through ``linear_logprobs``: the [2B, T, V] logits of chosen and rejecte
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import CausalLMLogprobs
+from rlhf_engine.precision import autocast, frozen_copy
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 from rlhf_engine.trainers.reward import pair_batch
 
@@ -89,7 +89,9 @@ def train_dpo(policy, tokenizer, pairs, config: DPOConfig, *, reference=None, pr
     if not pairs:
         raise ValueError("train_dpo: pairs is empty")
     device = next(policy.parameters()).device
-    reference = (reference if reference is not None else copy.deepcopy(policy)).eval().requires_grad_(False)
+    if reference is None:
+        reference = frozen_copy(policy, config.precision)  # frozen: held in the compute dtype, no fp32 master
+    reference.eval().requires_grad_(False)
 
     def collate(chunk):
         return move(pair_batch(tokenizer, chunk, config.max_length)[0], device)
@@ -111,7 +113,7 @@ def evaluate_dpo(policy, reference, tokenizer, pairs, config: DPOConfig) -> dict
     sums: dict[str, float] = {}
     for start in range(0, len(pairs), config.batch_size):
         batch, _ = pair_batch(tokenizer, pairs[start : start + config.batch_size], config.max_length)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(config.precision, device):
             out = _dpo_sums(policy, reference, move(batch, device), config)
         for key in ("loss", "accuracy", "reward_margin"):
             sums[key] = sums.get(key, 0.0) + float(out[key])

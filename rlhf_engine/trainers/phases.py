@@ -23,6 +23,7 @@ from rlhf_engine.distributed import DistInfo, init_distributed, local_device
 from rlhf_engine.metrics import METRICS_FILE, fmt, format_table, plot_curves, read_metrics
 from rlhf_engine.models import load_causal_lm, load_tokenizer
 from rlhf_engine.models.heads import ScalarHeadModel
+from rlhf_engine.precision import DTYPE_NAMES, set_tf32
 from rlhf_engine.trainers.common import resolve_device, resume_checkpoint
 
 MODEL_DIR = "model"
@@ -31,6 +32,7 @@ MODEL_DIR = "model"
 def _start(config, phase: str) -> tuple[torch.device, str | None, DistInfo]:
     config.require("model", "data", "output_dir")
     device = local_device(resolve_device(config.device))
+    set_tf32(device, config.tf32)
     dist = init_distributed(config.strategy, device)
     resume = resume_checkpoint(config)
     dist.barrier()  # every rank has looked for checkpoints before rank 0 can write one
@@ -77,8 +79,8 @@ def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, di
 
 def _load_policy(config, resume: str | None, device, tokenizer):
     """The trained causal LM: from the checkpoint being resumed, else from ``config.model``; vocabulary checked."""
-    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, dtype=config.dtype,
-                            device=device)
+    # trained: fp32 master weights whatever the precision (the compute dtype comes from autocast / FSDP's policy)
+    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, device=device)
     check_vocab(tokenizer, policy)
     return policy
 
@@ -109,7 +111,7 @@ def run_reward(config, *, progress: bool = True) -> dict:
     device, resume, dist = _start(config, "reward")
     tokenizer = load_tokenizer(config.model)
     source = os.path.join(resume, "reward_model") if resume else config.model
-    model = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
+    model = ScalarHeadModel.from_pretrained(source, device=device, init_head=True)
     check_vocab(tokenizer, model)
     pairs, eval_pairs = _read_data(config, "preferences")
     train_reward_model(model, tokenizer, pairs, config, progress=progress, eval_pairs=eval_pairs, resume_from=resume,
@@ -125,7 +127,8 @@ def run_dpo(config, *, progress: bool = True) -> dict:
     device, resume, dist = _start(config, "dpo")
     tokenizer = load_tokenizer(config.model)
     policy = _load_policy(config, resume, device, tokenizer)
-    reference = load_causal_lm(config.ref_model or config.model, dtype=config.dtype, device=device)
+    frozen = DTYPE_NAMES[config.precision]  # frozen models need no fp32 master: held in the compute dtype
+    reference = load_causal_lm(config.ref_model or config.model, dtype=frozen, device=device)
     check_vocab(tokenizer, reference, "reference model")
     pairs, eval_pairs = _read_data(config, "preferences")
     train_dpo(policy, tokenizer, pairs, config, reference=reference, progress=progress, eval_pairs=eval_pairs,
@@ -160,18 +163,19 @@ def run_ppo(config, *, progress: bool = True) -> dict:
     device, resume, dist = _start(config, config.algorithm)
     tokenizer = load_tokenizer(config.model)
     policy = _load_policy(config, resume, device, tokenizer)
-    reference = load_causal_lm(config.model, dtype=config.dtype, device=device) if resume else None
+    frozen = DTYPE_NAMES[config.precision]  # frozen models need no fp32 master: held in the compute dtype
+    reference = load_causal_lm(config.model, dtype=frozen, device=device) if resume else None
     reward_model = reward_fn = critic = None
     if config.reward_fn:
         reward_fn = load_reward_fn(config.reward_fn)
     else:
-        reward_model = ScalarHeadModel.from_pretrained(config.reward_model, dtype=config.dtype, device=device)
+        reward_model = ScalarHeadModel.from_pretrained(config.reward_model, dtype=frozen, device=device)
         reward_model.requires_grad_(False)
         check_vocab(tokenizer, reward_model, "reward model")
     if config.algorithm == "ppo":
         source = (os.path.join(resume, "critic") if resume else config.critic_model or config.reward_model
                   or config.model)
-        critic = ScalarHeadModel.from_pretrained(source, dtype=config.dtype, device=device, init_head=True)
+        critic = ScalarHeadModel.from_pretrained(source, device=device, init_head=True)
     prompts = [r.prompt for r in read_jsonl(config.data, "prompts")]
     trainer = PPOTrainer(policy, tokenizer, config, reward_model=reward_model, reward_fn=reward_fn, critic=critic,
                          reference=reference, dist=dist)

@@ -35,6 +35,7 @@ from rlhf_engine.ops import (
     ppo_policy_loss,
     value_loss,
 )
+from rlhf_engine.precision import LossScaler, RolloutWeights, autocast, frozen_copy, fsdp_mixed_precision
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
 from rlhf_engine.trainers.common import RunConfig, open_metrics, option
 
@@ -135,7 +136,9 @@ class PPOTrainer:
         self.reward_model = reward_model
         self.reward_fn = reward_fn
         # the frozen reference is the policy as it starts (a resumed run passes the original model instead)
-        self.reference = (reference if reference is not None else copy.deepcopy(policy)).eval().requires_grad_(False)
+        # (frozen: held in the compute dtype, no fp32 master)
+        self.reference = (reference if reference is not None else frozen_copy(policy, config.precision))
+        self.reference.eval().requires_grad_(False)
         self.critic = None
         if config.algorithm == "ppo":
             if critic is None:
@@ -149,16 +152,21 @@ class PPOTrainer:
         if config.prompts_per_iteration % world or config.minibatch_size % world:
             raise ValueError(f"PPOConfig.prompts_per_iteration ({config.prompts_per_iteration}) and minibatch_size "
                              f"({config.minibatch_size}) must be multiples of the world size {world}")
-        self.policy_module = wrap(CausalLMLogprobs(policy), self.dist)
+        mixed = fsdp_mixed_precision(config.precision)
+        self.policy_module = wrap(CausalLMLogprobs(policy), self.dist, mixed_precision=mixed)
         self.critic_module = None
         if critic is not None:
             self.critic = critic
-            self.critic_module = wrap(critic, self.dist)
+            self.critic_module = wrap(critic, self.dist, mixed_precision=mixed)
             self.critic_optimizer = torch.optim.AdamW(
                 [p for p in self.critic_module.parameters() if p.requires_grad], lr=config.critic_lr)
         self.optimizer = torch.optim.AdamW([p for p in self.policy_module.parameters() if p.requires_grad],
                                            lr=config.lr)
-        self.engine = RolloutEngine(policy)
+        self.device = next(policy.parameters()).device
+        self.scaler, self.critic_scaler = LossScaler(config.precision), LossScaler(config.precision)
+        # the rollout reads compute-dtype weights: FSDP's gathered parameters, else a shadow copy of the policy
+        self.rollout_weights = RolloutWeights(policy, config.precision, shadow=self.dist.strategy != "fsdp")
+        self.engine = RolloutEngine(self.rollout_weights.model)
         self.kl_reward_coef = config.kl_reward_coef
         self.rng = random.Random(config.seed)
         self.iteration = 0
@@ -180,8 +188,12 @@ class PPOTrainer:
         # NOTE: not under FSDP: the shared path runs the body twice in one forward, untested with FSDP2's hooks
         if prompt_len is not None and self.config.share_prompts and n > 1 and self.dist.strategy != "fsdp":
             shared = (n, prompt_len[::n].tolist())
-        return module(input_ids, attention_mask, targets, position_ids=position_ids_for(attention_mask),
-                      temperature=self.config.temperature, return_entropy=entropy, shared_prompts=shared)
+        with self._autocast():
+            return module(input_ids, attention_mask, targets, position_ids=position_ids_for(attention_mask),
+                          temperature=self.config.temperature, return_entropy=entropy, shared_prompts=shared)
+
+    def _autocast(self):
+        return autocast(self.config.precision, self.device)
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``masked_whiten`` over the global batch: mean and (unbiased) variance from every rank's tokens."""
@@ -211,8 +223,9 @@ class PPOTrainer:
             return scores
         from rlhf_engine.trainers.reward import score_texts
 
-        return score_texts(self.reward_model, self.tokenizer, prompts, responses, self.config.max_prompt_length
-                           + self.config.max_new_tokens).cpu()
+        with self._autocast():
+            return score_texts(self.reward_model, self.tokenizer, prompts, responses, self.config.max_prompt_length
+                               + self.config.max_new_tokens).cpu()
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,6 +239,7 @@ class PPOTrainer:
         params = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop_token_ids=(eos,) if eos is not None else (),
                                 seed=self.rng.randrange(2**31))
+        self.rollout_weights.refresh()  # a copy only when an optimizer step moved the master weights
         with gathered(self.policy_module):  # FSDP: whole parameters for the rollout, freed after
             outputs = self.engine.generate(prompt_ids, params)
         rollout_seconds = time.perf_counter() - t0
@@ -274,7 +288,8 @@ class PPOTrainer:
         if not on_policy:
             batch["old_logp"] = old_logp
         if cfg.algorithm == "ppo":
-            values = self.critic_module(input_ids, attention_mask)[:, :-1] * mask
+            with self._autocast():
+                values = self.critic_module(input_ids, attention_mask)[:, :-1] * mask
             rewards = torch.zeros_like(ref_logp)
             rewards[torch.arange(b, device=device), last] = scores
             if cfg.kl_in_reward:
@@ -310,15 +325,10 @@ class PPOTrainer:
         """Means over ranks (every rank holds the same number of samples), sums for rates, max for maxima."""
         if not self.dist.enabled:
             return stats
-        keys = sorted(stats)
-        values = self.dist.all_reduce([float(stats[k]) for k in keys])
+        maxima = {k: v for k, v in stats.items() if k.endswith("_max")}  # a max over ranks, not a mean
+        out = self.dist.reduce_stats({k: v for k, v in stats.items() if k not in maxima}, maxima)
         world = self.dist.world_size
-        out = {k: v if k == "tokens_per_s" else v / world for k, v in zip(keys, values, strict=True)}
-        for key in (k for k in keys if k.endswith("_max")):  # a max over ranks, not a mean
-            t = torch.tensor([float(stats[key])])
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            out[key] = float(t)
-        return out
+        return {k: v if k == "tokens_per_s" or k in maxima else v / world for k, v in out.items()}
 
     def update(self, batch: dict) -> dict:
         """``ppo_epochs`` passes of minibatches over the policy loss (and the critic's value loss)."""
@@ -358,10 +368,17 @@ class PPOTrainer:
                 entropy_mean = masked_mean(entropy, mb["mask"])
                 total = loss - cfg.entropy_coef * entropy_mean
                 self.optimizer.zero_grad(set_to_none=True)
-                (total * scale).backward()  # even when not finite: every rank must join the gradient reduction
+                # even when not finite: every rank must join the gradient reduction
+                (total * (scale * self.scaler.scale)).backward()
+                self.scaler.unscale_(self.optimizer.param_groups[0]["params"])
                 grad_norm = _norm(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
                                                                  cfg.max_grad_norm))
                 (bad_loss,) = self.dist.all_reduce([float(not bool(torch.isfinite(total)))])
+                overflow = self.scaler.update(not bad_loss and math.isfinite(grad_norm))
+                if overflow:  # fp16: the scale was halved; the minibatch is skipped, which is no failure
+                    self.optimizer.zero_grad(set_to_none=True)
+                    sums["skipped"] = sums.get("skipped", 0.0) + 1
+                    continue
                 if bad_loss or not math.isfinite(grad_norm):
                     quantity = "policy loss" if bad_loss else "policy gradient norm"
                     if not cfg.skip_nonfinite:
@@ -376,12 +393,16 @@ class PPOTrainer:
                 if mismatch is not None:
                     row["logprob_mismatch_max"] = mismatch
                 if self.critic_module is not None:
-                    values = self.critic_module(mb["input_ids"], mb["attention_mask"])[:, :-1]
+                    with self._autocast():
+                        values = self.critic_module(mb["input_ids"], mb["attention_mask"])[:, :-1]
                     vloss, vstats = value_loss(values, mb["values"], mb["returns"], mb["mask"], clip=cfg.vf_clip)
                     self.critic_optimizer.zero_grad(set_to_none=True)
-                    (vloss * self._global_scale(mb["mask"], "token-mean")).backward()
-                    torch.nn.utils.clip_grad_norm_(self.critic_optimizer.param_groups[0]["params"], cfg.max_grad_norm)
-                    self.critic_optimizer.step()
+                    (vloss * (self._global_scale(mb["mask"], "token-mean") * self.critic_scaler.scale)).backward()
+                    critic_params = self.critic_optimizer.param_groups[0]["params"]
+                    self.critic_scaler.unscale_(critic_params)
+                    critic_norm = _norm(torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm))
+                    if not self.critic_scaler.update(math.isfinite(critic_norm)):
+                        self.critic_optimizer.step()
                     row.update(value_loss=vloss.item(), vf_clipfrac=float(vstats["clipfrac"]))
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -419,7 +440,8 @@ class PPOTrainer:
         policy_state, optim_state = full_state(self.policy_module, self.optimizer)
         models = {"policy": SavesState(self.policy_module, policy_state)}
         state = {"optimizer": optim_state, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
-                 "iteration": self.iteration, "kl_reward_coef": self.kl_reward_coef}
+                 "iteration": self.iteration, "kl_reward_coef": self.kl_reward_coef,
+                 "loss_scale": [self.scaler.state_dict(), self.critic_scaler.state_dict()]}
         if self.critic_module is not None:
             critic_state, state["critic_optimizer"] = full_state(self.critic_module, self.critic_optimizer)
             models["critic"] = SavesState(self.critic_module, critic_state)
@@ -434,6 +456,10 @@ class PPOTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.iteration = state["iteration"]
         self.kl_reward_coef = state["kl_reward_coef"]
+        for scaler, scaler_state in zip((self.scaler, self.critic_scaler), state.get("loss_scale", [None, None]),
+                                        strict=True):
+            scaler.load_state_dict(scaler_state)
+        self.rollout_weights.refresh()
         self.engine.reset_prefix_cache()
 
     def save(self) -> str | None:
@@ -455,15 +481,15 @@ class PPOTrainer:
         """
         if not prompts:
             raise ValueError("PPOTrainer.train: prompts is empty")
-        from tqdm.auto import tqdm
+        from rlhf_engine.progress import progress_bar
 
         cfg = self.config
         if resume_from is not None:
             self.load_state_dict(load_checkpoint_state(resume_from)[1])
         logger = open_metrics(cfg, self.dist, self.iteration if resume_from else None)
         history = []
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=cfg.algorithm,
-                   disable=not (progress and self.dist.is_main), dynamic_ncols=True)
+        bar = progress_bar(cfg.iterations, initial=self.iteration, desc=cfg.algorithm,
+                           enabled=progress and self.dist.is_main)
         try:
             while self.iteration < cfg.iterations:
                 chosen = [self.rng.choice(prompts) for _ in range(cfg.prompts_per_iteration)]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from rlhf_engine.data.sft import SFTBatch, collate_sft, encode_sft
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import last_token_index
+from rlhf_engine.precision import autocast
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 
 LOSSES = ("bt", "margin-ranking")
@@ -77,13 +78,24 @@ def train_reward_model(model, tokenizer, pairs, config: RewardConfig, *, progres
         batch, margins = pair_batch(tokenizer, chunk, config.max_length)
         return move(batch, device), margins.to(device)
 
-    trainer = Trainer(config, "reward", model, save_as="reward_model", tokenizer=tokenizer, dist=dist,
-                      progress=progress)
-    evaluate = (lambda: _evaluate(trainer.module, tokenizer, eval_pairs, config, device)) if eval_pairs else None
-    model.train()
-    return trainer.fit(lambda rng: rng.sample(pairs, min(config.batch_size, len(pairs))), collate,
-                       lambda b: _pairs_loss(trainer.module, b[0], b[1], config.loss), lambda b: b[1].shape[0],
-                       evaluate=evaluate, resume_from=resume_from, on_step=on_step, weight_name="pairs")
+    # NOTE: both losses see only r_chosen - r_rejected, in which the head's bias cancels: its gradient is exactly 0
+    # in exact arithmetic, and Adam (lr * g / (|g| + eps)) would turn rounding noise into steps of up to lr, a
+    # random walk of the bias. It stays as initialised (or loaded) while the reward model trains.
+    bias = model.head.bias
+    bias_trainable = bias is not None and bias.requires_grad
+    if bias_trainable:
+        bias.requires_grad_(False)
+    try:
+        trainer = Trainer(config, "reward", model, save_as="reward_model", tokenizer=tokenizer, dist=dist,
+                          progress=progress)
+        evaluate = (lambda: _evaluate(trainer.module, tokenizer, eval_pairs, config, device)) if eval_pairs else None
+        model.train()
+        return trainer.fit(lambda rng: rng.sample(pairs, min(config.batch_size, len(pairs))), collate,
+                           lambda b: _pairs_loss(trainer.module, b[0], b[1], config.loss), lambda b: b[1].shape[0],
+                           evaluate=evaluate, resume_from=resume_from, on_step=on_step, weight_name="pairs")
+    finally:
+        if bias_trainable:  # the attribute, not `bias`: FSDP replaces the parameter objects when it shards them
+            model.head.bias.requires_grad_(True)
 
 
 @torch.no_grad()
@@ -93,7 +105,7 @@ def _evaluate(module, tokenizer, pairs, config: RewardConfig, device) -> dict:
     sums = {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0}
     for start in range(0, len(pairs), config.batch_size):
         batch, margins = pair_batch(tokenizer, pairs[start : start + config.batch_size], config.max_length)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(config.precision, device):
             out = _pairs_loss(module, move(batch, device), margins.to(device), config.loss)
         for key in sums:
             sums[key] += float(out[key])

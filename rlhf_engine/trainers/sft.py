@@ -15,6 +15,7 @@ import torch
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch, collate_sft, encode_record, pack_sft
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import CausalLMLogprobs
+from rlhf_engine.precision import autocast
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 
 
@@ -102,7 +103,7 @@ def _evaluate(module, data: SFTData, config: SFTConfig, device) -> float:
     module.eval()
     total, count = 0.0, 0
     for batch in data.batches(config.batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(config.precision, device):
             loss_sum, n_tokens = sft_loss(module, move(batch, device))
         total += float(loss_sum)
         count += n_tokens

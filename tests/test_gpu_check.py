@@ -1,0 +1,22 @@
+"""`make gpu-check` without a GPU: it says so, lists every step it would run, and exits 0."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: `make gpu-check` runs for real")
+def test_without_a_gpu_it_lists_the_steps_and_exits_0(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU" in out
+    for step in ("RLHF_ENGINE_CUDA=1", "RLHF_ENGINE_BACKEND=triton", "RLHF_ENGINE_BACKEND=torch", "--smoke",
+                 "bench_logprobs.py", "test_paged_attention.py"):
+        assert step in out
