@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SRC)
 ifneq ($(HAS_NVIDIA),1)
 	@# No NVIDIA GPU: take the CPU wheel of torch first so that nothing pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+else
+	@# An NVIDIA GPU: a CUDA build of torch (pip's default wheel) first, unless one is there: the extension's
+	@# build imports torch (--no-build-isolation), so it must be installed before the package.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch
 endif
 	$(PIP) install -q "setuptools>=69" wheel ninja "pybind11>=2.12"
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
