@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         with open(bench) as f:
             for r in json.load(f):
                 if r.get("op") == "token_logprobs" and r.get("provider") == "ours" and r.get("forward_ms"):
-                    itemsize = 2 if r["dtype"] == "bf16" else 4
+                    itemsize = torch.empty(0, dtype=getattr(torch, r["dtype"])).element_size()  # "bfloat16"...
                     achieved = r["N"] * r["V"] * itemsize / (r["forward_ms"] / 1e3) / 1e9
                     rows.append({"step": f"token_logprobs {r['N']}x{r['V']} {r['dtype']} forward: {achieved:.0f} GB/s "
                                          f"read ({achieved / bandwidth:.2f} of the copy rate)", "ok": True,

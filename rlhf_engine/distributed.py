@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
-_OWNED_GROUP = False  # init_distributed created the default process group (and shutdown_distributed ends it)
-_RAN_GROUP = False  # this process has run a process group of its own
+_CREATED_GROUP = False  # init_distributed created the default process group (shutdown_distributed ends it)
 
 
 def collective_device(backend: str) -> torch.device:
@@ -84,8 +83,12 @@ class DistInfo:
         return dict(zip(keys_s + keys_m, values, strict=True))
 
     def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
 
     def shard(self, items: list) -> list:
         """This rank's share of a global list: ``items[rank::world]``; the list must divide evenly."""
@@ -103,10 +106,10 @@ def init_distributed(strategy: str, device: torch.device) -> DistInfo:
     if world == 1 and not dist.is_initialized():
         return DistInfo(strategy="none")
     if not dist.is_initialized():
-        global _OWNED_GROUP, _RAN_GROUP
+        global _CREATED_GROUP
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
-        _OWNED_GROUP = _RAN_GROUP = True
+        _CREATED_GROUP = True
     world, rank = dist.get_world_size(), dist.get_rank()
     if world == 1:
         return DistInfo(strategy="none")
@@ -120,17 +123,15 @@ def init_distributed(strategy: str, device: torch.device) -> DistInfo:
 def shutdown_distributed() -> bool:
     """Ends the process group ``init_distributed`` created (every rank calls it; a no-op otherwise); returns
     whether there was one. A group made by the caller is the caller's to end."""
-    global _OWNED_GROUP
-    if not (_OWNED_GROUP and dist.is_initialized()):
+    if not (_CREATED_GROUP and dist.is_initialized()):
         return False
-    _OWNED_GROUP = False
     dist.destroy_process_group()
     return True
 
 
 def ran_process_group() -> bool:
     """Whether ``init_distributed`` created a process group in this process (ended or not)."""
-    return _RAN_GROUP
+    return _CREATED_GROUP
 
 
 def exit_process(status: int):

@@ -30,10 +30,6 @@ def check_precision(owner: str, precision: str) -> None:
         raise ValueError(f"{owner}.precision must be one of {list(PRECISIONS)}, found {precision!r}")
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    return DTYPES[precision]
-
-
 def autocast(precision: str, device: torch.device):
     """Forward (and, through autograd, backward) in the compute dtype; a no-op for fp32."""
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
@@ -113,12 +109,8 @@ class RolloutWeights:
 
     def __init__(self, source: torch.nn.Module, precision: str, *, shadow: bool = True):
         self.source = source
-        self.dtype = DTYPES[precision]
-        self.model = source
-        self._version = None
-        if shadow and precision != "fp32":
-            self.model = copy.deepcopy(source).eval().requires_grad_(False).to(self.dtype)
-            self._version = self._source_version()
+        self.model = frozen_copy(source, precision) if shadow and precision != "fp32" else source
+        self._version = self._source_version() if self.is_shadow else None
 
     def _source_version(self):
         return tuple(p._version for p in self.source.parameters())

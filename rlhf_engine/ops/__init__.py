@@ -17,11 +17,18 @@ For a Hugging Face model, ``rlhf_engine.integrations.hf.logprobs_from_model`` ru
 
 Each op validates its inputs, then one dispatcher (``rlhf_engine.ops._dispatch``) picks the Triton kernels
 (CUDA tensors), the native C++ kernels (CPU tensors, for the ops that have them) or the PyTorch path;
-``RLHF_ENGINE_BACKEND=torch|triton|native`` forces one (``select_backend`` and friends report the choice).
+``RLHF_ENGINE_BACKEND=torch|triton|native`` forces one (``select_backend`` and friends report the choice). A
+kernel that fails raises ``KernelError`` (op, backend, shapes, how to force the PyTorch path); nothing falls back.
 These modules import torch and nothing else of ours at import time.
 """
 
-from rlhf_engine.ops._dispatch import native_available, requested_backend, select_backend, triton_available
+from rlhf_engine.ops._dispatch import (
+    KernelError,
+    native_available,
+    requested_backend,
+    select_backend,
+    triton_available,
+)
 from rlhf_engine.ops.logprobs import linear_logprobs, token_logprobs, token_logprobs_reference
 from rlhf_engine.ops.ppo import (
     AGG_MODES,
@@ -56,5 +63,6 @@ __all__ = [
     "native_available",
     "requested_backend",
     "select_backend",
+    "KernelError",
     "triton_available",
 ]

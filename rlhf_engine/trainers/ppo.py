@@ -136,7 +136,7 @@ class PPOTrainer:
         self.reward_model = reward_model
         self.reward_fn = reward_fn
         # the frozen reference is the policy as it starts (a resumed run passes the original model instead)
-        # (frozen: held in the compute dtype, no fp32 master)
+        # (frozen, so held in the compute dtype: no fp32 master)
         self.reference = (reference if reference is not None else frozen_copy(policy, config.precision))
         self.reference.eval().requires_grad_(False)
         self.critic = None
@@ -401,7 +401,9 @@ class PPOTrainer:
                     critic_params = self.critic_optimizer.param_groups[0]["params"]
                     self.critic_scaler.unscale_(critic_params)
                     critic_norm = _norm(torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm))
-                    if not self.critic_scaler.update(math.isfinite(critic_norm)):
+                    critic_finite = math.isfinite(critic_norm)
+                    self.critic_scaler.update(critic_finite)  # fp16: an overflow halves the scale
+                    if critic_finite:
                         self.critic_optimizer.step()
                     row.update(value_loss=vloss.item(), vf_clipfrac=float(vstats["clipfrac"]))
                 for k, v in row.items():
@@ -459,7 +461,6 @@ class PPOTrainer:
         for scaler, scaler_state in zip((self.scaler, self.critic_scaler), state.get("loss_scale", [None, None]),
                                         strict=True):
             scaler.load_state_dict(scaler_state)
-        self.rollout_weights.refresh()
         self.engine.reset_prefix_cache()
 
     def save(self) -> str | None:
