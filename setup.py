@@ -13,6 +13,12 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU builds and `omp simd` vectorises the row loops; the OpenMP
+# runtime comes from torch's own libgomp (a dependency of libtorch_cpu), so nothing extra is linked.
+# NOTE: literals, read by tests/test_cuda_compile.py, which compiles the CUDA sources with these same flags.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+CUDA_MACROS = [("RLHF_ENGINE_WITH_CUDA", "1")]
 
 
 def _mem_based_jobs() -> int:
@@ -41,9 +47,6 @@ def _extensions():
 
     os.environ.setdefault("MAX_JOBS", str(_mem_based_jobs()))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds and `omp simd` vectorises the row loops; the
-    # OpenMP runtime comes from torch's own libgomp (a dependency of libtorch_cpu), so nothing extra is linked.
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if _want_cuda(torch, CUDA_HOME):
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -51,15 +54,15 @@ def _extensions():
             "rlhf_engine._C",
             cpp_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=[("RLHF_ENGINE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+            define_macros=CUDA_MACROS,
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
         )
     else:
         ext = CppExtension(
             "rlhf_engine._C",
             cpp_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": CXX_FLAGS},
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

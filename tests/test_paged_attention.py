@@ -145,6 +145,23 @@ def test_query_may_be_a_strided_slice():
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_fp16_value_is_read_exactly(device):
+    """With one cached token the softmax weight is exactly 1, so the output is the value vector itself: all 65536
+    fp16 bit patterns (subnormals, infinities and NaN included) must come back unchanged, which checks the kernel's
+    half -> float conversion exhaustively."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.float16).reshape(512, 1, 1, 128).to(device)  # [num_blocks, block_size, kv_heads, D]
+    keys = torch.ones_like(values)
+    query = torch.ones(512, 1, 128, dtype=torch.float16, device=device)
+    tables = torch.arange(512, dtype=torch.int32, device=device)[:, None]
+    out = paged_attention(query, keys, values, tables, torch.ones(512, dtype=torch.int32, device=device))
+    expected = values.reshape(512, 1, 128)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan], expected[~nan])  # -0 may come back as +0, which compares equal
+
+
 def test_baseline_simd_path_matches():
     """The kernel is compiled twice (x86-64 baseline and AVX2+FMA, picked at run time); ATEN_CPU_CAPABILITY=default
     forces the baseline copy, which must agree as well."""
