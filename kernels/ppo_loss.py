@@ -22,7 +22,8 @@ KL_KINDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 
 @triton.jit
 def _kl_and_grad(logp, ref, KL_KIND: tl.constexpr):
-    """Per-token KL estimator of ARCHITECTURE.md and its derivative w.r.t. logp (fp32 in, fp32 out)."""
+    """Per-token KL estimator (k1, abs, k2, k3 as rlhf_engine.ops.kl_penalty) and its derivative w.r.t. logp (fp32
+    in, fp32 out)."""
     if KL_KIND == 0:  # k1
         kl = logp - ref
         dkl = tl.full(logp.shape, 1.0, tl.float32)

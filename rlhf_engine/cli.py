@@ -4,8 +4,8 @@
     rlhf-engine rm   --config rm.yaml   [--key value ...]     reward model on preference pairs
     rlhf-engine dpo  --config dpo.yaml  [--key value ...]     direct preference optimisation
     rlhf-engine ppo  --config ppo.yaml  [--key value ...]     PPO (critic + GAE) against a reward model or function
-    rlhf-engine grpo --config ppo.yaml  [--key value ...]     GRPO (group advantages, no critic)
-    rlhf-engine rloo --config ppo.yaml  [--key value ...]     RLOO (leave-one-out baseline, no critic)
+    rlhf-engine grpo --config grpo.yaml [--key value ...]     GRPO (group advantages, no critic)
+    rlhf-engine rloo --config rloo.yaml [--key value ...]     RLOO (leave-one-out baseline, no critic)
     rlhf-engine demo [--out runs/demo] [--steps N] [--phase ...] [--algo ppo|grpo|rloo]
 
 A flag overrides the YAML key of the same name (dashes or underscores); `rlhf-engine <phase> --help` lists every
@@ -58,17 +58,40 @@ def _phase(phase: str, argv: list[str]) -> int:
     for i, arg in enumerate(overrides):  # a bare --resume means --resume true
         if arg == "--resume" and (i + 1 == len(overrides) or overrides[i + 1].startswith("--")):
             overrides.insert(i + 1, "true")
-    config = load_config(cls, args.config, overrides)
+    # grpo and rloo are PPOConfig with their algorithm set before the config is built (its defaults depend on it)
+    rl = phase in ("ppo", "grpo", "rloo")
+    config = load_config(cls, args.config, overrides, defaults={"algorithm": phase} if rl else None)
+    if rl and config.algorithm != phase:
+        raise ValueError(f"`rlhf-engine {phase}` runs algorithm {phase}, but the config sets algorithm: "
+                         f"{config.algorithm}; drop that key or run `rlhf-engine {config.algorithm}`")
     if args.no_progress:
         from rlhf_engine.progress import silence_library_bars
 
         silence_library_bars()
-    if phase in ("grpo", "rloo"):
-        if any(o.lstrip("-").split("=")[0] == "algorithm" for o in overrides) and config.algorithm != phase:
-            raise ValueError(f"`rlhf-engine {phase}` runs algorithm {phase}; drop --algorithm {config.algorithm}")
-        config = dataclasses.replace(config, algorithm=phase)
-    getattr(phases, PHASES[phase][1])(config, progress=not args.no_progress)
+    try:
+        getattr(phases, PHASES[phase][1])(config, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_message(phase, config, argv), file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     return 0
+
+
+def interrupted_message(phase: str, config, argv: list[str]) -> str:
+    """One line for Ctrl-C: the step reached, the last complete checkpoint, the command that resumes."""
+    from rlhf_engine.checkpoint import latest_checkpoint
+    from rlhf_engine.metrics import METRICS_FILE, read_metrics
+
+    rows = read_metrics(os.path.join(config.output_dir, METRICS_FILE)) if config.output_dir else []
+    reached = f"after step {rows[-1]['step'] + 1}" if rows else "before the first step"
+    checkpoint = latest_checkpoint(config.output_dir) if config.output_dir else None
+    if checkpoint is None:
+        return f"rlhf-engine {phase}: interrupted {reached}; no complete checkpoint yet, so a rerun starts over"
+    args = [a for i, a in enumerate(argv) if a != "--resume" and not a.startswith("--resume=")
+            and not (i and argv[i - 1] == "--resume" and a.lower() in ("true", "false", "1", "0", "yes", "no"))]
+    command = " ".join(["rlhf-engine", phase, *args, "--resume"])
+    return (f"rlhf-engine {phase}: interrupted {reached}; last complete checkpoint: {checkpoint}; "
+            f"resume with: {command}")
 
 
 def _demo(args) -> int:

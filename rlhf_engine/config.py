@@ -123,9 +123,10 @@ def build_config(cls, values: dict, *, source: str = "config"):
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
-    """Defaults of ``cls``, then the YAML file at ``path``, then the ``--key value`` overrides."""
-    values: dict = {}
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None, defaults: dict | None = None):
+    """Defaults of ``cls`` (``defaults`` over them), then the YAML file at ``path``, then the ``--key value``
+    overrides."""
+    values: dict = dict(defaults or {})
     if path is not None:
         import yaml
 

@@ -1,6 +1,6 @@
 """JSONL readers with validation: every error names the file, the line number and the field.
 
-Formats (one JSON object a line, ARCHITECTURE.md):
+Formats (one JSON object a line; the README, "CLI"):
     sft          {"prompt": str, "response": str}  or  {"messages": [{"role": str, "content": str}, ...]}
     preferences  {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}
     prompts      {"prompt": str}
@@ -88,6 +88,36 @@ def _prompt(where: str, obj: dict) -> PromptRecord:
 _PARSERS = {"sft": _sft, "preferences": _preference, "prompts": _prompt}
 
 
+_RECORD_TYPES = {"sft": SFTRecord, "preferences": PreferenceRecord, "prompts": PromptRecord}
+_ACCEPTED = {
+    "sft": "SFTRecord, a dict {'prompt', 'response'} or {'messages'}, or a (prompt, response) tuple",
+    "preferences": "PreferenceRecord or a dict {'prompt', 'chosen', 'rejected', 'margin'?}",
+    "prompts": "str, PromptRecord or a dict {'prompt'}",
+}
+
+
+def as_records(items, kind: str, where: str) -> list:
+    """In-memory data for the Python API, checked as a JSONL line would be: ``kind``'s record type as it is, a dict
+    validated field by field (errors name ``where[i]``); for sft also a ``(prompt, response)`` tuple, for prompts a
+    string."""
+    if isinstance(items, (str, dict)) or not hasattr(items, "__iter__"):
+        raise DataError(f"{where}: expected a list of {_ACCEPTED[kind]}, found one {type(items).__name__}")
+    record_type = _RECORD_TYPES[kind]
+    records = []
+    for i, item in enumerate(items):
+        if isinstance(item, record_type):
+            records.append(item)
+        elif isinstance(item, dict):
+            records.append(_PARSERS[kind](f"{where}[{i}]", item))
+        elif kind == "sft" and isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            records.append(SFTRecord(item[0], item[1]))
+        elif kind == "prompts" and isinstance(item, str):
+            records.append(PromptRecord(item))
+        else:
+            raise DataError(f"{where}[{i}]: expected {_ACCEPTED[kind]}, found {type(item).__name__}")
+    return records
+
+
 def read_jsonl(path: str, kind: str) -> list:
     """Reads and validates every line of ``path`` as a ``kind`` record (sft, preferences or prompts)."""
     if kind not in _PARSERS:
@@ -106,7 +136,14 @@ def read_jsonl(path: str, kind: str) -> list:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not records and line.lstrip().startswith(("[", "{")):  # a JSON array, or one object over lines
+                    raise DataError(f"{where}: not JSON Lines: the format is one JSON object per line (a whole "
+                                    f"JSON document, such as an array of records, is not read)") from None
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); the format is one "
+                                f"JSON object per line") from None
+            if isinstance(obj, list):
+                raise DataError(f"{where}: expected a JSON object, found a JSON array; the format is one JSON "
+                                f"object per line (JSON Lines)")
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
             records.append(parse(where, obj))

@@ -64,8 +64,11 @@ class CausalLMLogprobs(nn.Module):
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False)
         head = self.lm.get_output_embeddings()
-        return linear_logprobs(out.last_hidden_state[:, :-1], head.weight, targets, bias=head.bias,
-                               temperature=temperature, return_entropy=return_entropy)
+        result = linear_logprobs(out.last_hidden_state[:, :-1], head.weight, targets, bias=head.bias,
+                                 temperature=temperature, return_entropy=return_entropy)
+        # NOTE: the op returns views of its flat outputs; this module is what FSDP2 wraps, and FSDP2 warns on a view
+        # output (an in-place op on it would skip its hooks), so [B, T-1] floats are copied once
+        return tuple(t.clone() for t in result) if return_entropy else result.clone()
 
     def _shared_prompt_forward(self, input_ids, attention_mask, targets, n: int, prompt_lengths: list[int], *,
                                temperature: float, return_entropy: bool):
@@ -146,7 +149,9 @@ class ScalarHeadModel(nn.Module):
         out = self.lm.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
         )
-        return self.head(out.last_hidden_state).squeeze(-1).float()
+        # NOTE: a sum over the size-1 dim, not squeeze: exact, and a new tensor (FSDP2 warns when a wrapped module
+        # returns a view, since an in-place op on it could escape autograd)
+        return self.head(out.last_hidden_state).sum(-1, dtype=torch.float32)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The value at each sequence's last real token [B], fp32."""

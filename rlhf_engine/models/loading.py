@@ -7,6 +7,9 @@ import os
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what save_pretrained writes for the tokenizer kinds in use (fast tokenizers, sentencepiece, BPE and WordPiece vocabs)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tekken.json")
 
 
 def _check_dir(path: str, what: str) -> None:
@@ -14,6 +17,14 @@ def _check_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what}: {path!r} is not a directory; pass a model saved with save_pretrained")
     if what == "model" and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model: {path!r} has no config.json; is it a Hugging Face model directory?")
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence ``model`` (a causal LM, or a module holding one as ``.lm``) has positions for: its
+    config's max_position_embeddings (GPT-2's n_positions); None when the config declares none."""
+    config = getattr(getattr(model, "lm", model), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
@@ -32,6 +43,11 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     _check_dir(path, "tokenizer")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"tokenizer: {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): set `tokenizer:` "
+            f"in the YAML file (or --tokenizer DIR) to a directory that has one, or save one into the model "
+            f"directory with tokenizer.save_pretrained({path!r})")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:

@@ -1,5 +1,5 @@
 """The PPO objective: KL estimators, the clipped policy loss (fused with its KL term), the value loss, GAE, group
-advantages (GRPO / RLOO) and the masked helpers. Semantics: ARCHITECTURE.md, "The functional API".
+advantages (GRPO / RLOO) and the masked helpers. Semantics: the README, "Using rlhf-engine inside another trainer".
 
 Per-token tensors are ``[..., T]`` with a ``mask`` of the same shape (nonzero = a response token that counts);
 leading dimensions are sequences. Inputs may be fp32, bf16 or fp16; the math runs in fp32; outputs are fp32.

@@ -10,9 +10,11 @@ that of the mean over every token (or pair) of the window, never a mean of micro
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import random
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -21,6 +23,7 @@ import torch
 from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
+from rlhf_engine.models.loading import max_positions
 from rlhf_engine.precision import LossScaler, autocast, check_precision, fsdp_mixed_precision
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -44,6 +47,7 @@ class RunConfig:
 
     model: str = option("", "Hugging Face model directory to start from (required by the CLI)")
     data: str = option("", "training JSONL file (required by the CLI)")
+    tokenizer: str = option("", "tokenizer directory (default: the model's own)")
     output_dir: str = option("", "where metrics.jsonl, checkpoints/ and the final model/ go (required by the CLI)")
     seed: int = option(0, "seed of the data order, initialisation and sampling")
     precision: str = option("fp32", "fp32 | bf16 | fp16: forward and backward in that dtype, fp32 master weights, "
@@ -56,6 +60,9 @@ class RunConfig:
     tensorboard: bool = option(False, "also write TensorBoard events to output_dir/tensorboard")
     strategy: str = option("auto", "data parallelism under torchrun: fsdp (FSDP2) | ddp | none | auto (fsdp with "
                                     "more than one process)")
+    stop_after_steps: int = option(0, "end this process after this many steps (PPO: iterations), checkpoint "
+                                      "written (to split a run over jobs with a time limit; continue with resume); "
+                                      "0: run to the end")
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -64,6 +71,11 @@ class RunConfig:
         check_precision(cls, self.precision)
         _positive_int(cls, "save_every", self.save_every, minimum=0)
         _positive_int(cls, "save_total_limit", self.save_total_limit)
+        _positive_int(cls, "stop_after_steps", self.stop_after_steps, minimum=0)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(f"{cls}.tensorboard: true needs the tensorboard package, which is not installed: "
+                             f"pip install tensorboard (into this environment: {sys.executable} -m pip install "
+                             f"tensorboard), or drop the key")
 
     # keys of earlier releases: naming one is an error that names its replacement
     RENAMED_KEYS = {"dtype": "precision: fp32 | bf16 | fp16 (weights stay fp32; compute runs in that dtype)",
@@ -97,15 +109,13 @@ class TrainConfig(RunConfig):
     max_skipped_steps: int = option(10, "abort after this many consecutive skipped steps")
     log_every: int = option(1, "write a metrics row every this many steps")
     eval_every: int = option(0, "evaluate on eval_data every this many steps (0: only at the end)")
-    stop_after_steps: int = option(0, "end this process after this many steps, checkpoint written (to split a run "
-                                      "over jobs with a time limit; continue with resume); 0: run to the end")
 
     def __post_init__(self):
         super().__post_init__()
         cls = type(self).__name__
         for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "max_skipped_steps"):
             _positive_int(cls, name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "stop_after_steps"):
+        for name in ("warmup_steps", "eval_every"):
             _positive_int(cls, name, getattr(self, name), minimum=0)
         if not self.lr > 0:
             raise ValueError(f"{cls}.lr must be > 0, found {self.lr!r}")
@@ -186,6 +196,11 @@ class Trainer:
         self.root = module
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"{phase}: the model has no trainable parameters")
+        limit = max_positions(module)
+        if limit is not None and config.max_length > limit:
+            raise ValueError(f"{type(config).__name__}.max_length = {config.max_length} is above the model's "
+                             f"max_position_embeddings = {limit} (positions past it were never trained): set "
+                             f"max_length <= {limit}")
         self.device = next(module.parameters()).device
         self.module = wrap(module, self.dist, mixed_precision=fsdp_mixed_precision(config.precision))
         self.scaler = LossScaler(config.precision)

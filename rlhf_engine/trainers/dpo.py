@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import CausalLMLogprobs
@@ -88,6 +89,8 @@ def train_dpo(policy, tokenizer, pairs, config: DPOConfig, *, reference=None, pr
     to a frozen copy of the policy as it starts."""
     if not pairs:
         raise ValueError("train_dpo: pairs is empty")
+    pairs = as_records(pairs, "preferences", "pairs")
+    eval_pairs = as_records(eval_pairs, "preferences", "eval_pairs") if eval_pairs else None
     device = next(policy.parameters()).device
     if reference is None:
         reference = frozen_copy(policy, config.precision)  # frozen: held in the compute dtype, no fp32 master
@@ -107,6 +110,7 @@ def train_dpo(policy, tokenizer, pairs, config: DPOConfig, *, reference=None, pr
 @torch.no_grad()
 def evaluate_dpo(policy, reference, tokenizer, pairs, config: DPOConfig) -> dict:
     """Held-out DPO loss, implicit-reward accuracy and margin."""
+    pairs = as_records(pairs, "preferences", "pairs")
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device

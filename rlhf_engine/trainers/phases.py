@@ -95,7 +95,7 @@ def run_sft(config, *, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     device, resume, dist = _start(config, "sft")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
     model = _load_policy(config, resume, device, tokenizer)
     records, eval_records = _read_data(config, "sft")
     train_sft(model, tokenizer, records, config, progress=progress, eval_examples=eval_records, resume_from=resume,
@@ -109,7 +109,7 @@ def run_reward(config, *, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     device, resume, dist = _start(config, "reward")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
     source = os.path.join(resume, "reward_model") if resume else config.model
     model = ScalarHeadModel.from_pretrained(source, device=device, init_head=True)
     check_vocab(tokenizer, model)
@@ -125,7 +125,7 @@ def run_dpo(config, *, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     device, resume, dist = _start(config, "dpo")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
     policy = _load_policy(config, resume, device, tokenizer)
     frozen = DTYPE_NAMES[config.precision]  # frozen models need no fp32 master: held in the compute dtype
     reference = load_causal_lm(config.ref_model or config.model, dtype=frozen, device=device)
@@ -161,7 +161,7 @@ def run_ppo(config, *, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     device, resume, dist = _start(config, config.algorithm)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
     policy = _load_policy(config, resume, device, tokenizer)
     frozen = DTYPE_NAMES[config.precision]  # frozen models need no fp32 master: held in the compute dtype
     reference = load_causal_lm(config.model, dtype=frozen, device=device) if resume else None

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_engine.checkpoint import load_checkpoint_state, save_checkpoint
+from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.distributed import DistInfo, SavesState, full_state, gathered, load_optimizer_state, wrap
 from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel, position_ids_for
+from rlhf_engine.models.loading import max_positions
 from rlhf_engine.ops import (
     gae,
     group_advantages,
@@ -42,19 +44,25 @@ from rlhf_engine.trainers.common import RunConfig, open_metrics, option
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
+# samples per prompt when n_samples is not set: a group of 8 for the group estimators, as TRL's GRPOTrainer
+DEFAULT_N_SAMPLES = {"ppo": 1, "grpo": 8, "rloo": 8}
+
+
 @dataclass
 class PPOConfig(RunConfig):
     model: str = option("", "policy to start from: the SFT model directory (also the frozen reference)")
     data: str = option("", "prompts JSONL ({\"prompt\": ...} a line)")
     save_every: int = option(0, "checkpoint every this many iterations (0: only at the end)")
     reward_model: str = option("", "reward model directory (saved by `rlhf-engine rm`); or set reward_fn")
-    reward_fn: str = option("", "a Python reward function 'module:function', (prompts, responses) -> list[float]")
+    reward_fn: str = option("", "a Python reward function (prompts, responses) -> list[float]: "
+                                 "'package.module:function' or 'path/to/file.py:function'")
     critic_model: str = option("", "PPO: critic start (a reward/value model directory; default: the reward model, "
                                     "else the policy body with a new head)")
     algorithm: str = option("ppo", "ppo (critic + GAE) | grpo | rloo (group advantages over n_samples, no critic)")
     iterations: int = option(20, "rollout + update iterations")
     prompts_per_iteration: int = option(8, "prompts sampled each iteration")
-    n_samples: int = option(1, "samples per prompt; GRPO and RLOO need >= 2")
+    n_samples: int | None = option(None, "samples per prompt (default: 1 for ppo, 8 for grpo and rloo, whose group "
+                                         "advantages need >= 2)")
     max_new_tokens: int = option(48, "tokens generated per sample at most")
     temperature: float = option(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
     top_p: float = option(1.0, "nucleus sampling threshold")
@@ -74,7 +82,8 @@ class PPOConfig(RunConfig):
     kl_in_reward: bool = option(True, "PPO: subtract kl_reward_coef * KL to the reference from each token's reward")
     kl_reward_coef: float = option(0.05, "coefficient of the KL in the reward (the start value when adaptive)")
     kl_reward_kind: str = option("k1", "estimator of the KL in the reward: k1 | k2 | k3 | abs")
-    adaptive_kl_target: float | None = option(None, "adapt kl_reward_coef towards this KL per sequence (None: fixed)")
+    adaptive_kl_target: float | None = option(None, "adapt kl_reward_coef towards this KL per sequence (the "
+                                                    "kl_reward metric; None: fixed)")
     kl_coef: float = option(0.0, "coefficient of the KL as a loss term (GRPO's usual choice)")
     kl_kind: str = option("k3", "estimator of the KL loss term: k1 | k2 | k3 | abs")
     entropy_coef: float = option(0.0, "entropy bonus coefficient")
@@ -92,6 +101,8 @@ class PPOConfig(RunConfig):
         super().__post_init__()
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"PPOConfig.algorithm must be one of {list(ALGORITHMS)}, found {self.algorithm!r}")
+        if self.n_samples is None:
+            self.n_samples = DEFAULT_N_SAMPLES[self.algorithm]
         if self.algorithm in ("grpo", "rloo") and self.n_samples < 2:
             raise ValueError(f"PPOConfig.n_samples must be >= 2 for {self.algorithm}, found {self.n_samples}")
         for name in ("iterations", "prompts_per_iteration", "n_samples", "max_new_tokens", "ppo_epochs",
@@ -215,17 +226,26 @@ class PPOTrainer:
         (total,) = self.dist.all_reduce([local])
         return local * self.dist.world_size / max(total, 1.0)
 
-    def _scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def _scores(self, prompts: list[str], responses: list[str], sequences: list[list[int]]) -> torch.Tensor:
+        """One score per sample: ``reward_fn`` on the texts, or the reward model on ``sequences``, the tokens the
+        policy saw (its prompt cut to max_prompt_length, then the response), ending in EOS as in its training."""
         if self.reward_fn is not None:
             scores = torch.tensor([float(s) for s in self.reward_fn(prompts, responses)], dtype=torch.float32)
             if scores.shape[0] != len(prompts):
                 raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {len(prompts)} responses")
             return scores
-        from rlhf_engine.trainers.reward import score_texts
+        from rlhf_engine.trainers.reward import score_ids
 
+        eos = self.tokenizer.eos_token_id
+        sequences = [s if eos is None or s[-1] == eos else s + [eos] for s in sequences]
+        limit = max_positions(self.reward_model)
+        longest = max(len(s) for s in sequences)
+        if limit is not None and longest > limit:
+            raise ValueError(f"a sample of {longest} tokens (prompt cut to max_prompt_length, response of at most "
+                             f"max_new_tokens, EOS) is longer than the reward model's max_position_embeddings = "
+                             f"{limit}: lower PPOConfig.max_prompt_length or max_new_tokens")
         with self._autocast():
-            return score_texts(self.reward_model, self.tokenizer, prompts, responses, self.config.max_prompt_length
-                               + self.config.max_new_tokens).cpu()
+            return score_ids(self.reward_model, sequences, self.tokenizer.pad_token_id).cpu()
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -274,7 +294,7 @@ class PPOTrainer:
         old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets,
                                                          prompt_len=prompt_len)
         ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets, prompt_len=prompt_len)
-        scores = self._scores(texts_p, texts_r).to(device)
+        scores = self._scores(texts_p, texts_r, [p + s.token_ids for p, s in rows]).to(device)
         (bad_rewards,) = self.dist.all_reduce([float(not bool(torch.isfinite(scores).all()))])
         if bad_rewards:
             if not cfg.skip_nonfinite:
@@ -282,7 +302,8 @@ class PPOTrainer:
                                          f"reward model or reward_fn); fix the reward, or set skip_nonfinite: true")
             scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)  # the update is skipped anyway
         mask, rollout_logp, last = mask.to(device), rollout_logp.to(device), last.to(device)
-        kl = kl_penalty(rollout_logp if on_policy else old_logp, ref_logp, cfg.kl_reward_kind) * mask
+        sample_logp = rollout_logp if on_policy else old_logp
+        kl = kl_penalty(sample_logp, ref_logp, cfg.kl_reward_kind) * mask
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask,
                      ref_logp=ref_logp, rollout_logp=rollout_logp, prompt_len=prompt_len)
         if not on_policy:
@@ -305,11 +326,15 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             advantages = self._whiten(advantages, mask)
         batch["advantages"] = advantages
-        seq_kl = (kl.sum(-1)).mean()
+        # logged KL: k3 (exp(r) - 1 - r with r = ref - logp, >= 0 token by token) summed per sequence; k1, the
+        # reward's default estimator, is unbiased but a batch mean of it can be negative
+        seq_kl_k3 = (kl_penalty(sample_logp, ref_logp, "k3") * mask).sum(-1).mean()
         stats = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std().item() if b > 1 else 0.0,
-            "kl": seq_kl.item(),
+            "kl": seq_kl_k3.item(),
+            "kl_reward": kl.sum(-1).mean().item(),  # kl_reward_kind per sequence: what the reward's KL and the
+            # adaptive controller use
             "response_length": mask.sum(-1).float().mean().item(),
             "rollout_seconds": rollout_seconds,
             "tokens_per_s": self.engine.stats["decode_tokens"] / max(rollout_seconds, 1e-9),
@@ -426,7 +451,7 @@ class PPOTrainer:
         metrics["seconds"] = time.perf_counter() - t0
         if self.config.adaptive_kl_target is not None and self.config.kl_in_reward:
             # proportional controller (Ziegler et al.): move the coefficient towards the target KL
-            error = max(-0.2, min(0.2, metrics["kl"] / self.config.adaptive_kl_target - 1.0))
+            error = max(-0.2, min(0.2, metrics["kl_reward"] / self.config.adaptive_kl_target - 1.0))
             self.kl_reward_coef *= 1.0 + 0.1 * error
         metrics["kl_reward_coef"] = self.kl_reward_coef
         self.iteration += 1
@@ -482,6 +507,7 @@ class PPOTrainer:
         """
         if not prompts:
             raise ValueError("PPOTrainer.train: prompts is empty")
+        prompts = [r.prompt for r in as_records(prompts, "prompts", "prompts")]
         from rlhf_engine.progress import progress_bar
 
         cfg = self.config
@@ -491,8 +517,9 @@ class PPOTrainer:
         history = []
         bar = progress_bar(cfg.iterations, initial=self.iteration, desc=cfg.algorithm,
                            enabled=progress and self.dist.is_main)
+        end = min(cfg.iterations, self.iteration + cfg.stop_after_steps) if cfg.stop_after_steps else cfg.iterations
         try:
-            while self.iteration < cfg.iterations:
+            while self.iteration < end:
                 chosen = [self.rng.choice(prompts) for _ in range(cfg.prompts_per_iteration)]
                 metrics = self.step(chosen)
                 metrics["step"] = metrics["iteration"]
@@ -503,7 +530,7 @@ class PPOTrainer:
                     logger.log(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-                last = self.iteration == cfg.iterations
+                last = self.iteration == end
                 if cfg.output_dir and ((cfg.save_every and self.iteration % cfg.save_every == 0) or last):
                     self.save()
         finally:

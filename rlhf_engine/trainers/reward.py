@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.data.sft import SFTBatch, collate_sft, encode_sft
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import last_token_index
@@ -65,9 +66,12 @@ def _pairs_loss(module, batch: SFTBatch, margins: torch.Tensor, kind: str) -> di
 
 def train_reward_model(model, tokenizer, pairs, config: RewardConfig, *, progress: bool = True, on_step=None,
                        eval_pairs=None, resume_from: str | None = None, dist: DistInfo | None = None):
-    """Trains ``model`` (a ScalarHeadModel) in place; returns one metrics dict a step (loss, accuracy, margin)."""
+    """Trains ``model`` (a ScalarHeadModel) in place on ``pairs`` (PreferenceRecords or dicts as in the JSONL
+    files); returns one metrics dict a step (loss, accuracy, margin)."""
     if not pairs:
         raise ValueError("train_reward_model: pairs is empty")
+    pairs = as_records(pairs, "preferences", "pairs")
+    eval_pairs = as_records(eval_pairs, "preferences", "eval_pairs") if eval_pairs else None
     device = next(model.parameters()).device
     if config.loss == "margin-ranking":
         pairs = [p if p.margin else type(p)(p.prompt, p.chosen, p.rejected, config.margin) for p in pairs]
@@ -115,21 +119,25 @@ def _evaluate(module, tokenizer, pairs, config: RewardConfig, device) -> dict:
 
 def evaluate_reward_model(model, tokenizer, pairs, config: RewardConfig) -> dict:
     """Accuracy (chosen scored above rejected), mean margin and loss over ``pairs``."""
+    pairs = as_records(pairs, "preferences", "pairs")
     return _evaluate(model, tokenizer, pairs, config, next(model.parameters()).device)
 
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_length: int, batch_size: int = 32):
-    """Reward of each (prompt, response) [N], fp32."""
+    """Reward of each (prompt, response) [N], fp32, encoded as in training (BOS + prompt + response + EOS)."""
+    encoded = [encode_sft(tokenizer, p, r, max_length)[0] for p, r in zip(prompts, responses, strict=True)]
+    return score_ids(model, encoded, tokenizer.pad_token_id, batch_size)
+
+
+def score_ids(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Reward of each token sequence [N], fp32, read at its last token."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_sft(tokenizer, p, r, max_length)
-                   for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size],
-                                   strict=True)]
-        batch = collate_sft(encoded, tokenizer.pad_token_id)
+    for start in range(0, len(sequences), batch_size):
+        batch = collate_sft([(s, s) for s in sequences[start : start + batch_size]], pad_token_id)
         out.append(model.score(batch.input_ids.to(device), batch.attention_mask.to(device)))
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)

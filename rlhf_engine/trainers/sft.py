@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch, collate_sft, encode_record, pack_sft
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import CausalLMLogprobs
@@ -45,10 +46,10 @@ class SFTData:
     """Encoded examples, the sampler of global batches and the collator (right-padded rows, or packed rows of
     ``max_length``)."""
 
-    def __init__(self, tokenizer, records, config: SFTConfig):
+    def __init__(self, tokenizer, records, config: SFTConfig, where: str = "examples"):
         if not records:
-            raise ValueError("SFT: no training examples")
-        self.encoded = [encode_record(tokenizer, r, config.max_length) for r in records]
+            raise ValueError(f"SFT: {where} is empty")
+        self.encoded = [encode_record(tokenizer, r, config.max_length) for r in as_records(records, "sft", where)]
         self.pad = tokenizer.pad_token_id
         self.config = config
 
@@ -79,7 +80,8 @@ class SFTData:
 
 def train_sft(model, tokenizer, examples, config: SFTConfig, *, progress: bool = True, on_step=None,
               eval_examples=None, resume_from: str | None = None, dist: DistInfo | None = None) -> list[dict]:
-    """Trains ``model`` in place on ``examples`` (SFTRecords or (prompt, response) pairs); one metrics dict a step.
+    """Trains ``model`` in place on ``examples`` (SFTRecords, dicts as in the JSONL files, or (prompt, response)
+    pairs); one metrics dict a step.
 
     With ``config.output_dir`` set, metrics.jsonl and checkpoints go there and ``resume_from`` continues a run
     (whose weights the caller loaded from the checkpoint); ``dist`` makes it one rank of a data-parallel run.
@@ -89,7 +91,7 @@ def train_sft(model, tokenizer, examples, config: SFTConfig, *, progress: bool =
     trainer = Trainer(config, "sft", CausalLMLogprobs(model), tokenizer=tokenizer, dist=dist, progress=progress)
     evaluate = None
     if eval_examples:
-        eval_data = SFTData(tokenizer, eval_examples, config)
+        eval_data = SFTData(tokenizer, eval_examples, config, "eval_examples")
         evaluate = lambda: {"loss": _evaluate(trainer.module, eval_data, config, device)}  # noqa: E731
     model.train()
     return trainer.fit(data.sample, lambda rows: move(data.collate(rows), device),
