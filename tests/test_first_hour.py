@@ -211,3 +211,14 @@ def test_a_json_document_is_not_json_lines(tmp_path, text):
     path.write_text(text)
     with pytest.raises(DataError, match=r"data.json:1: .*one JSON object per line"):
         read_jsonl(str(path), "sft")
+
+
+def test_reward_fn_is_named_by_module_or_by_file(files):
+    from rlhf_engine.demo import annotator
+    from rlhf_engine.trainers.phases import load_reward_fn
+
+    assert load_reward_fn("rlhf_engine.demo.annotator:gold_score") is annotator.gold_score
+    by_file = load_reward_fn(f"{files / 'reward.py'}:ascii_share")
+    assert by_file(["p"], ["ab"]) == [1.0]
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
+        load_reward_fn("rlhf_engine.demo.annotator:nope")

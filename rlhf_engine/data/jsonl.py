@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FORMATS = ("sft", "preferences", "prompts")
 
@@ -38,6 +38,7 @@ class PreferenceRecord:
 @dataclass(frozen=True)
 class PromptRecord:
     prompt: str
+    fields: dict = field(default_factory=dict)  # the row's other fields (e.g. "answer"), passed to reward_fn
 
 
 def _string(where: str, obj: dict, key: str, *, allow_empty: bool = False) -> str:
@@ -82,7 +83,7 @@ def _preference(where: str, obj: dict) -> PreferenceRecord:
 
 
 def _prompt(where: str, obj: dict) -> PromptRecord:
-    return PromptRecord(_string(where, obj, "prompt"))
+    return PromptRecord(_string(where, obj, "prompt"), {k: v for k, v in obj.items() if k != "prompt"})
 
 
 _PARSERS = {"sft": _sft, "preferences": _preference, "prompts": _prompt}
@@ -118,8 +119,9 @@ def as_records(items, kind: str, where: str) -> list:
     return records
 
 
-def read_jsonl(path: str, kind: str) -> list:
-    """Reads and validates every line of ``path`` as a ``kind`` record (sft, preferences or prompts)."""
+def read_jsonl(path: str, kind: str, rename=None) -> list:
+    """Reads and validates every line of ``path`` as a ``kind`` record (sft, preferences or prompts); ``rename``
+    (dict -> dict) maps a line's own field names to ours first."""
     if kind not in _PARSERS:
         raise ValueError(f"read_jsonl: kind must be one of {list(FORMATS)}, found {kind!r}")
     parse = _PARSERS[kind]
@@ -146,7 +148,7 @@ def read_jsonl(path: str, kind: str) -> list:
                                 f"object per line (JSON Lines)")
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
-            records.append(parse(where, obj))
+            records.append(parse(where, rename(obj) if rename is not None else obj))
     if not records:
         raise DataError(f"{path}: no records (an empty file)")
     return records
@@ -159,5 +161,6 @@ def write_jsonl(path: str, records) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             obj = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+            obj.update(obj.pop("fields", None) or {})  # a PromptRecord's extra fields go back to the top level
             obj = {k: v for k, v in obj.items() if v not in ((), None)}
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")

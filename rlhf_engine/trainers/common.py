@@ -46,8 +46,13 @@ class RunConfig:
     """Fields every phase has (the offline phases through ``TrainConfig``, PPO/GRPO/RLOO through ``PPOConfig``)."""
 
     model: str = option("", "Hugging Face model directory to start from (required by the CLI)")
-    data: str = option("", "training JSONL file (required by the CLI)")
+    data: str = option("", "training data: JSONL, Parquet, CSV or a datasets directory (required by the CLI)")
     tokenizer: str = option("", "tokenizer directory (default: the model's own)")
+    prompt_key: str = option("", "the data's column holding the prompt (default: prompt)")
+    response_key: str = option("", "SFT: the data's column holding the response (default: response)")
+    messages_key: str = option("", "SFT: the data's column holding chat messages (default: messages)")
+    chosen_key: str = option("", "rm/dpo: the data's column holding the chosen response (default: chosen)")
+    rejected_key: str = option("", "rm/dpo: the data's column holding the rejected response (default: rejected)")
     output_dir: str = option("", "where metrics.jsonl, checkpoints/ and the final model/ go (required by the CLI)")
     seed: int = option(0, "seed of the data order, initialisation and sampling")
     precision: str = option("fp32", "fp32 | bf16 | fp16: forward and backward in that dtype, fp32 master weights, "
@@ -81,6 +86,11 @@ class RunConfig:
     RENAMED_KEYS = {"dtype": "precision: fp32 | bf16 | fp16 (weights stay fp32; compute runs in that dtype)",
                     "bf16": "precision: bf16"}
 
+    def data_keys(self) -> dict:
+        """Our field names -> the data's column names, for the ``*_key`` fields that are set."""
+        return {name: getattr(self, f"{name}_key") for name in ("prompt", "response", "messages", "chosen",
+                                                                  "rejected") if getattr(self, f"{name}_key")}
+
     def require(self, *names: str) -> None:
         """The CLI's check that the run's paths are set: names the missing field and how to set it."""
         for name in names:
@@ -93,7 +103,7 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """Fields every offline phase (SFT, reward model, DPO) has."""
 
-    eval_data: str = option("", "held-out JSONL file of the same format (optional)")
+    eval_data: str = option("", "held-out data of the same kind, any of the same formats (optional)")
     steps: int = option(300, "optimizer steps")
     batch_size: int = option(32, "examples per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")

@@ -18,7 +18,7 @@ import torch
 
 from rlhf_engine.checkpoint import copy_model_atomic, latest_checkpoint
 from rlhf_engine.config import config_to_dict
-from rlhf_engine.data.jsonl import read_jsonl
+from rlhf_engine.data.readers import read_data
 from rlhf_engine.distributed import DistInfo, init_distributed, local_device
 from rlhf_engine.metrics import METRICS_FILE, fmt, format_table, plot_curves, read_metrics
 from rlhf_engine.models import load_causal_lm, load_tokenizer
@@ -87,7 +87,9 @@ def _load_policy(config, resume: str | None, device, tokenizer):
 
 def _read_data(config, kind: str) -> tuple[list, list | None]:
     """The training records and, when ``eval_data`` is set, the held-out ones (validated, same format)."""
-    return read_jsonl(config.data, kind), read_jsonl(config.eval_data, kind) if config.eval_data else None
+    keys = config.data_keys()
+    return (read_data(config.data, kind, keys),
+            read_data(config.eval_data, kind, keys) if config.eval_data else None)
 
 
 def run_sft(config, *, progress: bool = True) -> dict:
@@ -176,7 +178,7 @@ def run_ppo(config, *, progress: bool = True) -> dict:
         source = (os.path.join(resume, "critic") if resume else config.critic_model or config.reward_model
                   or config.model)
         critic = ScalarHeadModel.from_pretrained(source, device=device, init_head=True)
-    prompts = [r.prompt for r in read_jsonl(config.data, "prompts")]
+    prompts = read_data(config.data, "prompts", config.data_keys())  # records: other fields reach reward_fn
     trainer = PPOTrainer(policy, tokenizer, config, reward_model=reward_model, reward_fn=reward_fn, critic=critic,
                          reference=reference, dist=dist)
     trainer.train(prompts, progress=progress, resume_from=resume)

@@ -38,6 +38,7 @@ from rlhf_engine.ops import (
     value_loss,
 )
 from rlhf_engine.precision import LossScaler, RolloutWeights, autocast, frozen_copy, fsdp_mixed_precision
+from rlhf_engine.rewards.scoring import RewardScorer
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
 from rlhf_engine.trainers.common import RunConfig, open_metrics, option
 
@@ -51,11 +52,17 @@ DEFAULT_N_SAMPLES = {"ppo": 1, "grpo": 8, "rloo": 8}
 @dataclass
 class PPOConfig(RunConfig):
     model: str = option("", "policy to start from: the SFT model directory (also the frozen reference)")
-    data: str = option("", "prompts JSONL ({\"prompt\": ...} a line)")
+    data: str = option("", "prompts: JSONL ({\"prompt\": ...} a line; other fields reach reward_fn), "
+                            "Parquet, CSV or a datasets directory")
     save_every: int = option(0, "checkpoint every this many iterations (0: only at the end)")
     reward_model: str = option("", "reward model directory (saved by `rlhf-engine rm`); or set reward_fn")
-    reward_fn: str = option("", "a Python reward function (prompts, responses) -> list[float]: "
+    reward_fn: str = option("", "a Python reward function (prompts, responses, **row_fields) -> list[float]: "
                                  "'package.module:function' or 'path/to/file.py:function'")
+    reward_workers: int = option(0, "worker processes running reward_fn (spawned; 0: in this process), overlapped "
+                                    "with the log-prob passes")
+    reward_timeout: float | None = option(None, "seconds a reward_fn call may take in a worker (None: no limit)")
+    reward_on_error: float | None = option(None, "score of a sample whose reward_fn call failed or timed out "
+                                                 "(counted as reward_errors); None: the failure stops the run")
     critic_model: str = option("", "PPO: critic start (a reward/value model directory; default: the reward model, "
                                     "else the policy body with a new head)")
     algorithm: str = option("ppo", "ppo (critic + GAE) | grpo | rloo (group advantages over n_samples, no critic)")
@@ -146,6 +153,10 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.reward_model = reward_model
         self.reward_fn = reward_fn
+        # workers import the function by its spec when the config names it; else it is pickled to them
+        self.scorer = None if reward_fn is None else RewardScorer(
+            reward_fn, spec=config.reward_fn or None, workers=config.reward_workers, timeout=config.reward_timeout,
+            on_error=config.reward_on_error)
         # the frozen reference is the policy as it starts (a resumed run passes the original model instead)
         # (frozen, so held in the compute dtype: no fp32 master)
         self.reference = (reference if reference is not None else frozen_copy(policy, config.precision))
@@ -226,14 +237,9 @@ class PPOTrainer:
         (total,) = self.dist.all_reduce([local])
         return local * self.dist.world_size / max(total, 1.0)
 
-    def _scores(self, prompts: list[str], responses: list[str], sequences: list[list[int]]) -> torch.Tensor:
-        """One score per sample: ``reward_fn`` on the texts, or the reward model on ``sequences``, the tokens the
-        policy saw (its prompt cut to max_prompt_length, then the response), ending in EOS as in its training."""
-        if self.reward_fn is not None:
-            scores = torch.tensor([float(s) for s in self.reward_fn(prompts, responses)], dtype=torch.float32)
-            if scores.shape[0] != len(prompts):
-                raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {len(prompts)} responses")
-            return scores
+    def _model_scores(self, sequences: list[list[int]]) -> torch.Tensor:
+        """The reward model's score of each sample on ``sequences``, the tokens the policy saw (its prompt cut to
+        max_prompt_length, then the response), ending in EOS as in its training."""
         from rlhf_engine.trainers.reward import score_ids
 
         eos = self.tokenizer.eos_token_id
@@ -253,7 +259,8 @@ class PPOTrainer:
         """Generates, scores and prepares one iteration's batch (everything the update needs)."""
         cfg = self.config
         t0 = time.perf_counter()
-        prompts = self.dist.shard(prompts)  # each rank generates for its own prompts
+        records = self.dist.shard(as_records(prompts, "prompts", "prompts"))  # each rank its own prompts
+        prompts = [r.prompt for r in records]
         prompt_ids = [self._encode_prompt(p) for p in prompts]
         eos = self.tokenizer.eos_token_id
         params = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -263,12 +270,15 @@ class PPOTrainer:
         with gathered(self.policy_module):  # FSDP: whole parameters for the rollout, freed after
             outputs = self.engine.generate(prompt_ids, params)
         rollout_seconds = time.perf_counter() - t0
-        rows, texts_p, texts_r = [], [], []
-        for prompt, out in zip(prompts, outputs, strict=True):
+        rows, texts_p, texts_r, fields = [], [], [], []
+        for record, out in zip(records, outputs, strict=True):
             for s in out.samples:
                 rows.append((out.prompt_token_ids, s))
-                texts_p.append(prompt)
+                texts_p.append(record.prompt)
+                fields.append(record.fields)
                 texts_r.append(self.tokenizer.decode([t for t in s.token_ids if t != eos], skip_special_tokens=True))
+        # with reward workers the scores are computed while the log-prob passes below run
+        pending = self.scorer.submit(texts_p, texts_r, fields) if self.scorer is not None else None
         width = max(len(p) + len(s.token_ids) for p, s in rows)
         b = len(rows)
         input_ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -294,7 +304,11 @@ class PPOTrainer:
         old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets,
                                                          prompt_len=prompt_len)
         ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets, prompt_len=prompt_len)
-        scores = self._scores(texts_p, texts_r, [p + s.token_ids for p, s in rows]).to(device)
+        if pending is not None:
+            scores, reward_errors, reward_extras = pending.result()
+        else:
+            scores, reward_errors, reward_extras = self._model_scores([p + s.token_ids for p, s in rows]), 0, {}
+        scores = scores.to(device)
         (bad_rewards,) = self.dist.all_reduce([float(not bool(torch.isfinite(scores).all()))])
         if bad_rewards:
             if not cfg.skip_nonfinite:
@@ -339,6 +353,9 @@ class PPOTrainer:
             "rollout_seconds": rollout_seconds,
             "tokens_per_s": self.engine.stats["decode_tokens"] / max(rollout_seconds, 1e-9),
         }
+        if self.config.reward_on_error is not None:
+            stats["reward_errors"] = float(reward_errors)  # samples scored reward_on_error
+        stats.update({f"reward/{k}": v for k, v in reward_extras.items()})  # a reward_fn's own logged numbers
         if not on_policy:  # else the update measures it on its own forward
             stats["logprob_mismatch_max"] = ((old_logp - rollout_logp).abs() * mask).max().item()
         if cfg.algorithm == "ppo":
@@ -353,7 +370,8 @@ class PPOTrainer:
         maxima = {k: v for k, v in stats.items() if k.endswith("_max")}  # a max over ranks, not a mean
         out = self.dist.reduce_stats({k: v for k, v in stats.items() if k not in maxima}, maxima)
         world = self.dist.world_size
-        return {k: v if k == "tokens_per_s" or k in maxima else v / world for k, v in out.items()}
+        sums = ("tokens_per_s", "reward_errors")
+        return {k: v if k in sums or k in maxima else v / world for k, v in out.items()}
 
     def update(self, batch: dict) -> dict:
         """``ppo_epochs`` passes of minibatches over the policy loss (and the critic's value loss)."""
@@ -438,7 +456,8 @@ class PPOTrainer:
         out = self._reduce({k: v / count for k, v in sums.items()}) if count else {}
         return {**out, "skipped": skipped}
 
-    def step(self, prompts: list[str]) -> dict:
+    def step(self, prompts: list) -> dict:
+        """One iteration on ``prompts`` (strings, or PromptRecords / dicts whose other fields reach reward_fn)."""
         t0 = time.perf_counter()
         result = self.rollout(prompts)
         self.last_rollout = {k: result[k] for k in ("prompts", "responses", "scores")}
@@ -507,7 +526,7 @@ class PPOTrainer:
         """
         if not prompts:
             raise ValueError("PPOTrainer.train: prompts is empty")
-        prompts = [r.prompt for r in as_records(prompts, "prompts", "prompts")]
+        prompts = as_records(prompts, "prompts", "prompts")
         from rlhf_engine.progress import progress_bar
 
         cfg = self.config
@@ -537,4 +556,10 @@ class PPOTrainer:
             bar.close()
             if logger is not None:
                 logger.close()
+            self.close()
         return history
+
+    def close(self) -> None:
+        """Ends the reward workers, if any (``train`` does it when it returns; a later step starts new ones)."""
+        if self.scorer is not None:
+            self.scorer.close()
