@@ -2,7 +2,7 @@
 the share of weights an update moved, and the memory of the rollout's compute-dtype shadow copy; then GRPO from one
 SFT model against the demo's gold score, per precision.
 
-    python benchmarks/bench_precision.py [--steps 30] [--lr 2e-5] [--grpo-iterations 40] [--json out.json]
+    python benchmarks/bench_precision.py [--steps 30] [--lr 2e-5] [--grpo-iterations 120] [--json out.json]
 
 Floors (issue #13): ``bf16`` lowers the loss at least 90% as much as ``fp32`` (the ``drop x`` column >= 0.90), and
 GRPO's reward rises under bf16 as under fp32 (the ``rise x`` column: bf16's rise of the held-out gold score over
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", default="fp32,bf16,bf16-weights,fp16")
-    parser.add_argument("--grpo-iterations", type=int, default=40, help="0: skip the GRPO comparison")
+    parser.add_argument("--grpo-iterations", type=int, default=120, help="0: skip the GRPO comparison")
     parser.add_argument("--grpo-precisions", default="fp32,bf16")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
