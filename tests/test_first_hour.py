@@ -82,6 +82,8 @@ def test_bare_grpo_command_runs_with_its_defaults(files, tmp_path):
     with open(out / "grpo_config.json") as f:
         saved = json.load(f)
     assert saved["algorithm"] == "grpo" and saved["n_samples"] == 8
+    (row,) = read_metrics(str(out / "metrics.jsonl"))
+    assert row["kl"] >= 0.0 and "kl_reward" in row  # the logged KL is k3, non-negative by construction
 
 
 def test_rl_subcommand_refuses_a_config_of_another_algorithm(files, tmp_path, capsys):

@@ -342,7 +342,8 @@ class PPOTrainer:
         batch["advantages"] = advantages
         # logged KL: k3 (exp(r) - 1 - r with r = ref - logp, >= 0 token by token) summed per sequence; k1, the
         # reward's default estimator, is unbiased but a batch mean of it can be negative
-        seq_kl_k3 = (kl_penalty(sample_logp, ref_logp, "k3") * mask).sum(-1).mean()
+        # (clamped at 0: exp(r) - 1 - r can round to -1e-8 for a tiny r in fp32)
+        seq_kl_k3 = (kl_penalty(sample_logp, ref_logp, "k3").clamp(min=0) * mask).sum(-1).mean()
         stats = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std().item() if b > 1 else 0.0,
