@@ -6,7 +6,7 @@
     rlhf-engine ppo  --config ppo.yaml  [--key value ...]     PPO (critic + GAE) against a reward model or function
     rlhf-engine grpo --config grpo.yaml [--key value ...]     GRPO (group advantages, no critic)
     rlhf-engine rloo --config rloo.yaml [--key value ...]     RLOO (leave-one-out baseline, no critic)
-    rlhf-engine demo [--out runs/demo] [--steps N] [--phase ...] [--algo ppo|grpo|rloo]
+    rlhf-engine demo [--task story|arithmetic] [--out DIR] [--steps N] [--phase ...] [--algo ppo|grpo|rloo]
 
 A flag overrides the YAML key of the same name (dashes or underscores); `rlhf-engine <phase> --help` lists every
 key with its default and meaning; `--resume true` continues from the last complete checkpoint in output_dir.
@@ -101,6 +101,19 @@ def _demo(args) -> int:
         from rlhf_engine.progress import silence_library_bars
 
         silence_library_bars()
+    if args.task == "arithmetic":
+        from rlhf_engine.demo.arithmetic import print_arithmetic_summary, run_arithmetic
+
+        if args.phase != "all" or args.steps is not None or args.algo != "ppo":
+            raise SystemExit("rlhf-engine demo --task arithmetic runs SFT then GRPO: --phase, --steps and --algo "
+                             "belong to the story task; use --sft-steps and --ppo-iterations")
+        out = args.out or "runs/arithmetic"
+        summary = run_arithmetic(out, sft_steps=args.sft_steps or 800, rl_iterations=args.ppo_iterations or 150,
+                                 seed=args.seed, progress=not args.no_progress)
+        print_arithmetic_summary(summary, out)
+        return 0
+    args.out = args.out or "runs/demo"
+    args.sft_steps, args.ppo_iterations = args.sft_steps or 300, args.ppo_iterations or 40
 
     steps = {"sft_steps": args.sft_steps, "rm_steps": args.rm_steps, "ppo_iterations": args.ppo_iterations}
     if args.steps is not None:
@@ -122,10 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     for phase, (_, _, help_text) in PHASES.items():
         sub.add_parser(phase, help=help_text, add_help=False)
     demo = sub.add_parser("demo", help="run the pipeline on the embedded task (tiny model, nothing downloaded)")
-    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    demo.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps (default: 300)")
+    demo.add_argument("--task", choices=("story", "arithmetic"), default="story",
+                      help="story: RLHF with a learned reward model (default); arithmetic: RLVR, SFT from scratch "
+                           "then GRPO against the exact-answer verifier")
+    demo.add_argument("--out", default=None, help="output directory (default: runs/demo, runs/arithmetic)")
+    demo.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: 300; arithmetic 800)")
     demo.add_argument("--rm-steps", type=int, default=300, help="reward-model optimizer steps (default: 300)")
-    demo.add_argument("--ppo-iterations", type=int, default=40, help="PPO iterations (default: 40)")
+    demo.add_argument("--ppo-iterations", type=int, default=None,
+                      help="PPO / GRPO iterations (default: 40; arithmetic 150)")
     demo.add_argument("--preference-prompts", type=int, default=2000,
                       help="prompts whose two SFT samples the annotator labels (default: 2000)")
     demo.add_argument("--phase", choices=("all", "sft", "rm", "ppo"), default="all",

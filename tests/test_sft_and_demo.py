@@ -106,3 +106,23 @@ def test_loader_errors_name_the_path(tmp_path):
         load_causal_lm(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_causal_lm(str(tmp_path))
+
+
+def test_arithmetic_demo_learns_from_the_verifier(tmp_path):
+    """`rlhf-engine demo --task arithmetic` (the CLI path) at its defaults: GRPO against the exact-answer verifier
+    raises held-out accuracy over the SFT model (README: +0.17 to +0.25 over three seeds; the floor 0.15 is checked
+    there, this test asserts a margin that another machine's run clears too)."""
+    import json
+
+    from rlhf_engine.cli import main
+
+    out = tmp_path / "arith"
+    assert main(["demo", "--task", "arithmetic", "--out", str(out), "--seed", "0", "--no-progress"]) == 0
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["accuracy_after"] - summary["accuracy_before"] > 0.08, summary
+    for name in ("curves.png", "sft.jsonl", "prompts.jsonl", "grpo_metrics.jsonl", "grpo/model.safetensors"):
+        assert (out / name).exists(), name
+    assert '"answer"' in (out / "prompts.jsonl").read_text().splitlines()[0]
+    with pytest.raises(SystemExit, match="belong to the story task"):
+        main(["demo", "--task", "arithmetic", "--phase", "rm"])
