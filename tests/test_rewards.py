@@ -272,3 +272,17 @@ def test_grpo_scores_in_reward_workers(tmp_path, rewards_file):
     row = read_metrics(str(out / "metrics.jsonl"))[0]
     assert row["reward_errors"] == 0.0 and row["reward_mean"] == 0.0  # 3 random tokens never spell the answer
     assert not multiprocessing.active_children()
+
+
+def test_math_verify_answer_or_the_extra_it_needs():
+    """With the [math] extra: symbolic equivalence; without it (as in CI): an error naming the extra."""
+    import importlib.util
+
+    from rlhf_engine.rewards import math_verify_answer
+
+    responses = ["so the answer is $\\frac{1}{2}$", "\\boxed{3}"]
+    if importlib.util.find_spec("math_verify") is None:
+        with pytest.raises(ImportError, match=r"pip install 'rlhf-engine\[math\]'"):
+            math_verify_answer(["", ""], responses, answer=["0.5", "4"])
+    else:
+        assert math_verify_answer(["", ""], responses, answer=["$0.5$", "$4$"]) == [1.0, 0.0]
