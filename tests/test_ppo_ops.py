@@ -355,5 +355,49 @@ def test_group_advantages():
         group_advantages(scores, 3)
     with pytest.raises(ValueError, match="kind"):
         group_advantages(scores, 4, kind="ppo")
-    with pytest.raises(ValueError, match="group_size must be >= 2"):
-        group_advantages(scores, 1, kind="rloo")
+    assert torch.equal(group_advantages(scores, 1, kind="rloo"), torch.zeros(8))  # a group of one: no baseline
+    assert torch.equal(group_advantages(scores, 1), torch.zeros(8))
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        group_advantages(scores)
+    with pytest.raises(ValueError, match="index must be an integer tensor"):
+        group_advantages(scores, index=torch.zeros(8))
+
+
+def _group_reference(scores, index, kind, norm_std=True, eps=1e-6):
+    """The estimators written per group in float64, from the definitions."""
+    s = scores.double()
+    out = torch.zeros_like(s)
+    for g in index.unique():
+        members = (index == g).nonzero().flatten()
+        group = s[members]
+        if len(group) == 1:
+            continue
+        if kind == "rloo":
+            out[members] = group - (group.sum() - group) / (len(group) - 1)
+        elif kind == "grpo" and norm_std:
+            out[members] = (group - group.mean()) / (group.std() + eps)
+        else:
+            out[members] = group - group.mean()
+    if kind == "reinforce++-baseline":
+        out = (out - out.mean()) / (out.std() + eps)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo", "reinforce++-baseline"])
+@pytest.mark.parametrize("norm_std", [True, False])
+def test_group_advantages_by_index_match_float64_definitions(kind, norm_std):
+    """Unequal groups (sizes 1, 2, 3, 5, 7) in shuffled order, by index; equal groups by group_size agree with
+    the same ids laid out adjacently."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [1, 2, 3, 5, 7]
+    index = torch.cat([torch.full((n,), 10 * g, dtype=torch.int64) for g, n in enumerate(sizes)])
+    index = index[torch.randperm(len(index), generator=gen)]
+    scores = torch.randn(len(index), generator=gen)
+    got = group_advantages(scores, index=index, kind=kind, norm_std=norm_std)
+    torch.testing.assert_close(got.double(), _group_reference(scores, index, kind, norm_std), atol=1e-5, rtol=1e-5)
+    equal = torch.randn(6 * 7, generator=gen)
+    by_size = group_advantages(equal, 6, kind=kind, norm_std=norm_std)
+    by_index = group_advantages(equal, index=torch.arange(42) // 6, kind=kind, norm_std=norm_std)
+    torch.testing.assert_close(by_size, by_index)
+    torch.testing.assert_close(by_size.double(), _group_reference(equal, torch.arange(42) // 6, kind, norm_std),
+                               atol=1e-5, rtol=1e-5)

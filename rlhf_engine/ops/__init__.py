@@ -8,7 +8,7 @@ Stable (semantics, math and shapes in each docstring; per-token tensors are [...
     ppo_policy_loss(logp, old_logp, advantages, mask)     clipped surrogate (+ KL term) -> (loss, stats)
     value_loss(values, old_values, returns, mask)         clipped critic loss -> (loss, stats)
     gae(rewards, values, mask)                            (advantages, returns)
-    group_advantages(scores, group_size, kind=)           GRPO / RLOO outcome advantages [N]
+    group_advantages(scores, group_size | index=, kind=)  GRPO / RLOO / REINFORCE++ outcome advantages [N]
     masked_mean, masked_whiten, aggregate_loss            masked reductions
     AGG_MODES, KL_KINDS                                   the accepted ``agg`` and ``kind`` strings
 

@@ -463,31 +463,52 @@ def gae(
 
 
 def group_advantages(
-    scores: torch.Tensor, group_size: int, *, kind: str = "grpo", norm_std: bool = True, eps: float = 1e-6
+    scores: torch.Tensor, group_size: int | None = None, *, index: torch.Tensor | None = None, kind: str = "grpo",
+    norm_std: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Outcome advantages for groups of ``group_size`` consecutive samples of one prompt.
+    """Outcome advantages of samples grouped by prompt: ``group_size`` consecutive samples per group, or ``index``.
 
-    scores [N] (N a multiple of group_size; samples of one prompt adjacent) -> advantages [N] fp32, one per
-    sequence (broadcast it over the response tokens: ``adv[:, None] * mask``). For a group s_1..s_G:
+    scores [N] -> advantages [N] fp32, one per sequence (broadcast it over the response tokens:
+    ``adv[:, None] * mask``). Groups: ``group_size`` (N a multiple of it, each group's samples adjacent), or
+    ``index`` [N] (integer group ids in any order; groups of unequal sizes). For a group s_1..s_G:
         grpo: (s_i - mean(s)) / (std(s) + eps), std unbiased; s_i - mean(s) with ``norm_std=False``
         rloo: s_i - mean of the other G - 1 members
+        reinforce++-baseline: s_i - mean(s), then whitened over all N: (d - mean(d)) / (std(d) + eps)
+    A group of one has no baseline but itself: its advantage is 0 (before the whitening of reinforce++-baseline).
     """
     op = "group_advantages"
-    _check_choice(op, "kind", kind, ("grpo", "rloo"))
+    _check_choice(op, "kind", kind, ("grpo", "rloo", "reinforce++-baseline"))
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
         found = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"{op}: scores must be a 1-D tensor [N], found {found}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{op}: group_size must be a positive int, found {group_size!r}")
-    if scores.shape[0] % group_size:
-        raise ValueError(f"{op}: group_size {group_size} does not divide the number of scores {scores.shape[0]}")
-    if group_size < 2 and (kind == "rloo" or norm_std):
-        raise ValueError(f"{op}: group_size must be >= 2 for kind={kind!r}{' with norm_std' if norm_std else ''}")
-    s = scores.float().view(-1, group_size)
-    if kind == "rloo":
-        out = s - (s.sum(-1, keepdim=True) - s) / (group_size - 1)
+    if (group_size is None) == (index is None):
+        raise ValueError(f"{op}: pass exactly one of group_size (equal adjacent groups) or index (group ids)")
+    s = scores.float()
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"{op}: group_size must be a positive int, found {group_size!r}")
+        if s.shape[0] % group_size:
+            raise ValueError(f"{op}: group_size {group_size} does not divide the number of scores {s.shape[0]}")
+        groups = torch.arange(s.shape[0], device=s.device) // group_size
     else:
-        out = s - s.mean(-1, keepdim=True)
-        if norm_std:
-            out = out / (s.std(-1, unbiased=True, keepdim=True) + eps)
-    return out.view(-1)
+        if not isinstance(index, torch.Tensor) or index.shape != s.shape or index.is_floating_point():
+            found = (f"{tuple(index.shape)} {index.dtype}" if isinstance(index, torch.Tensor)
+                     else type(index).__name__)
+            raise ValueError(f"{op}: index must be an integer tensor of the scores' shape {tuple(s.shape)}, "
+                             f"found {found}")
+        groups = torch.unique(index.to(s.device), return_inverse=True)[1]
+    n_groups = int(groups.max()) + 1 if s.numel() else 0
+    count = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, torch.ones_like(s))[groups]  # [N]
+    total = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, s)[groups]  # [N]
+    deviation = s - total / count
+    if kind == "rloo":
+        out = torch.where(count > 1, s - (total - s) / (count - 1).clamp(min=1), 0.0)
+    elif kind == "grpo" and norm_std:
+        squares = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, deviation**2)[groups]
+        std = (squares / (count - 1).clamp(min=1)).sqrt()
+        out = torch.where(count > 1, deviation / (std + eps), 0.0)
+    else:
+        out = deviation  # exactly 0 for a group of one
+    if kind == "reinforce++-baseline" and out.numel() > 1:
+        out = (out - out.mean()) / (out.std() + eps)
+    return out
