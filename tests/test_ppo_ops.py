@@ -14,6 +14,7 @@ from rlhf_engine.ops import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    reinforce_pp_returns,
     value_loss,
 )
 
@@ -401,3 +402,33 @@ def test_group_advantages_by_index_match_float64_definitions(kind, norm_std):
     torch.testing.assert_close(by_size, by_index)
     torch.testing.assert_close(by_size.double(), _group_reference(equal, torch.arange(42) // 6, kind, norm_std),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_returns_match_a_float64_loop(gamma):
+    """Left and right padding, a masked gap, NaN in masked rewards, an all-masked row; T = 37."""
+    gen = torch.Generator().manual_seed(5)
+    b, t = 6, 37
+    rewards = torch.randn(b, t, generator=gen)
+    mask = torch.zeros(b, t)
+    for row, (start, stop) in enumerate([(0, 37), (5, 30), (10, 11), (0, 20), (3, 37), (0, 0)]):
+        mask[row, start:stop] = 1
+    mask[3, 7:9] = 0  # a gap inside a response
+    rewards = torch.where(mask == 0, torch.nan, rewards)
+    expected = torch.zeros(b, t, dtype=torch.float64)
+    for row in range(b):
+        running = 0.0
+        for col in range(t - 1, -1, -1):
+            r = float(rewards[row, col]) if mask[row, col] else 0.0
+            running = r + gamma * running
+            expected[row, col] = running if mask[row, col] else 0.0
+    raw = reinforce_pp_returns(rewards, mask, gamma, whiten=False)
+    torch.testing.assert_close(raw.double(), expected, atol=1e-5, rtol=1e-5)
+    m = mask.bool()
+    values = expected[m]
+    whitened = torch.zeros_like(expected)
+    whitened[m] = (values - values.mean()) / (values.var(unbiased=True) + 1e-8).sqrt()
+    torch.testing.assert_close(reinforce_pp_returns(rewards, mask, gamma).double(), whitened, atol=1e-5, rtol=1e-5)
+    assert torch.equal(reinforce_pp_returns(rewards, torch.zeros(b, t), gamma), torch.zeros(b, t))  # no NaN
+    with pytest.raises(ValueError, match="mask must have the rewards' shape"):
+        reinforce_pp_returns(rewards, mask[:, :5])

@@ -9,6 +9,7 @@ Stable (semantics, math and shapes in each docstring; per-token tensors are [...
     value_loss(values, old_values, returns, mask)         clipped critic loss -> (loss, stats)
     gae(rewards, values, mask)                            (advantages, returns)
     group_advantages(scores, group_size | index=, kind=)  GRPO / RLOO / REINFORCE++ outcome advantages [N]
+    reinforce_pp_returns(token_rewards, mask, gamma)      REINFORCE++ advantages: whitened discounted returns
     masked_mean, masked_whiten, aggregate_loss            masked reductions
     AGG_MODES, KL_KINDS                                   the accepted ``agg`` and ``kind`` strings
 
@@ -40,6 +41,7 @@ from rlhf_engine.ops.ppo import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    reinforce_pp_returns,
     value_loss,
 )
 
@@ -52,6 +54,7 @@ __all__ = [
     "value_loss",
     "gae",
     "group_advantages",
+    "reinforce_pp_returns",
     "masked_mean",
     "masked_whiten",
     "aggregate_loss",

@@ -462,6 +462,34 @@ def gae(
     return advantages.view(shape), returns.view(shape)
 
 
+def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, *,
+                         whiten: bool = True) -> torch.Tensor:
+    """REINFORCE++ advantages: discounted returns of per-token rewards, whitened over the batch's tokens.
+
+    token_rewards [B, T] (typically the outcome score at each response's last token minus kl_coef * KL at every
+    token), mask [B, T] (1 = response token) -> [B, T] fp32, 0 where masked:
+        G_t = m_t r_t + gamma * G_{t+1}   (from the end of the row; masked rewards count as 0)
+        A = masked_whiten(G, mask)        (``whiten=False``: G * mask)
+    """
+    op = "reinforce_pp_returns"
+    if not isinstance(token_rewards, torch.Tensor) or token_rewards.dim() != 2:
+        found = tuple(token_rewards.shape) if isinstance(token_rewards, torch.Tensor) else type(token_rewards).__name__
+        raise ValueError(f"{op}: token_rewards must be a 2-D tensor [B, T], found {found}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != token_rewards.shape:
+        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{op}: mask must have the rewards' shape {tuple(token_rewards.shape)}, found {found}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"{op}: gamma must be in [0, 1], found {gamma}")
+    m = _float_mask(mask)
+    rewards = torch.where(m != 0, token_rewards.float(), 0.0)  # NaN padding included
+    returns = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):  # NOTE: T steps of [B] vectors; T is a response length
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return masked_whiten(returns, m) if whiten else returns * m
+
+
 def group_advantages(
     scores: torch.Tensor, group_size: int | None = None, *, index: torch.Tensor | None = None, kind: str = "grpo",
     norm_std: bool = True, eps: float = 1e-6
