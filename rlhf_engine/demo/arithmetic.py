@@ -22,11 +22,11 @@ import torch
 
 from rlhf_engine.data.jsonl import PromptRecord, SFTRecord, write_jsonl
 from rlhf_engine.demo import task
+from rlhf_engine.demo.run import _generate
 from rlhf_engine.demo.tokenizer import build_byte_tokenizer
 from rlhf_engine.metrics import format_table, plot_curves
 from rlhf_engine.models import load_causal_lm, load_tokenizer
 from rlhf_engine.rewards import math_answer
-from rlhf_engine.rollout import RolloutEngine, SamplingParams
 from rlhf_engine.trainers.ppo import PPOConfig, PPOTrainer
 from rlhf_engine.trainers.sft import SFTConfig, train_sft
 
@@ -54,14 +54,8 @@ def worked_solution(a: int, b: int, rng: random.Random, error_rate: float = CARR
 
 def _accuracy(model, tokenizer, held_out: list[tuple[int, int]], seed: int) -> tuple[float, list[str]]:
     """Share of exact answers over two samples per question (temperature 1), and the first sample of each."""
-    engine = RolloutEngine(model)
-    ids = [[tokenizer.bos_token_id] + tokenizer.encode(prompt_of(a, b), add_special_tokens=False)
-           for a, b in held_out]
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
-                            stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
-    outputs = engine.generate(ids, params)
-    responses = [[tokenizer.decode(s.token_ids, skip_special_tokens=True).strip() for s in out.samples]
-                 for out in outputs]
+    responses = _generate(model, tokenizer, [prompt_of(a, b) for a, b in held_out], n=2, temperature=1.0,
+                          seed=seed, max_new_tokens=MAX_NEW_TOKENS)
     flat = [r for rs in responses for r in rs]
     answers = [str(a + b) for a, b in held_out for _ in range(2)]
     return sum(math_answer(None, flat, answer=answers)) / len(flat), [rs[0] for rs in responses]

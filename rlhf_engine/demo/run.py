@@ -28,11 +28,12 @@ from rlhf_engine.trainers.sft import SFTConfig, evaluate_sft, train_sft
 MAX_NEW_TOKENS = 80
 
 
-def _generate(model, tokenizer, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+def _generate(model, tokenizer, prompts: list[str], *, n: int, temperature: float, seed: int,
+              max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[str]]:
     """n responses per prompt from ``model`` on the rollout engine, as text."""
     engine = RolloutEngine(model)
     ids = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=MAX_NEW_TOKENS,
+    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens,
                             stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
     return [[tokenizer.decode(s.token_ids, skip_special_tokens=True).strip() for s in out.samples]
             for out in engine.generate(ids, params)]

@@ -518,14 +518,15 @@ def group_advantages(
         if s.shape[0] % group_size:
             raise ValueError(f"{op}: group_size {group_size} does not divide the number of scores {s.shape[0]}")
         groups = torch.arange(s.shape[0], device=s.device) // group_size
+        n_groups = s.shape[0] // group_size
     else:
         if not isinstance(index, torch.Tensor) or index.shape != s.shape or index.is_floating_point():
             found = (f"{tuple(index.shape)} {index.dtype}" if isinstance(index, torch.Tensor)
                      else type(index).__name__)
             raise ValueError(f"{op}: index must be an integer tensor of the scores' shape {tuple(s.shape)}, "
                              f"found {found}")
-        groups = torch.unique(index.to(s.device), return_inverse=True)[1]
-    n_groups = int(groups.max()) + 1 if s.numel() else 0
+        ids, groups = torch.unique(index.to(s.device), return_inverse=True)
+        n_groups = ids.numel()
     count = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, torch.ones_like(s))[groups]  # [N]
     total = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, s)[groups]  # [N]
     deviation = s - total / count

@@ -22,7 +22,7 @@ import traceback
 
 import torch
 
-from rlhf_engine.rewards.functions import call_reward_fn
+from rlhf_engine.rewards.functions import _name, call_reward_fn
 
 
 def is_per_sample(fn) -> bool:
@@ -132,7 +132,7 @@ class RewardScorer:
         if timeout is not None and workers == 0:
             raise ValueError("reward_timeout needs reward_workers >= 1: a call in this process cannot be stopped")
         self.fn, self.spec, self.workers, self.timeout, self.on_error = fn, spec, workers, timeout, on_error
-        self.name = spec or getattr(fn, "__qualname__", repr(fn))
+        self.name = spec or _name(fn)
         self._pool = None
         self.last_error: str | None = None  # the text of the latest failure scored on_error
 

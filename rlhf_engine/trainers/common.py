@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
+from rlhf_engine.data.readers import KEY_FIELDS
 from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
 from rlhf_engine.models.loading import max_positions
@@ -88,8 +89,7 @@ class RunConfig:
 
     def data_keys(self) -> dict:
         """Our field names -> the data's column names, for the ``*_key`` fields that are set."""
-        return {name: getattr(self, f"{name}_key") for name in ("prompt", "response", "messages", "chosen",
-                                                                  "rejected") if getattr(self, f"{name}_key")}
+        return {name: getattr(self, f"{name}_key") for name in KEY_FIELDS if getattr(self, f"{name}_key")}
 
     def require(self, *names: str) -> None:
         """The CLI's check that the run's paths are set: names the missing field and how to set it."""

@@ -152,7 +152,6 @@ class PPOTrainer:
         self.policy = policy
         self.tokenizer = tokenizer
         self.reward_model = reward_model
-        self.reward_fn = reward_fn
         # workers import the function by its spec when the config names it; else it is pickled to them
         self.scorer = None if reward_fn is None else RewardScorer(
             reward_fn, spec=config.reward_fn or None, workers=config.reward_workers, timeout=config.reward_timeout,
@@ -348,8 +347,8 @@ class PPOTrainer:
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std().item() if b > 1 else 0.0,
             "kl": seq_kl_k3.item(),
-            "kl_reward": kl.sum(-1).mean().item(),  # kl_reward_kind per sequence: what the reward's KL and the
-            # adaptive controller use
+            # kl_reward_kind per sequence: what the reward subtracts and the adaptive controller reads
+            "kl_reward": kl.sum(-1).mean().item(),
             "response_length": mask.sum(-1).float().mean().item(),
             "rollout_seconds": rollout_seconds,
             "tokens_per_s": self.engine.stats["decode_tokens"] / max(rollout_seconds, 1e-9),
