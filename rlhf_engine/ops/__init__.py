@@ -30,18 +30,16 @@ from rlhf_engine.ops._dispatch import (
     select_backend,
     triton_available,
 )
+from rlhf_engine.ops.advantages import gae, group_advantages, reinforce_pp_returns
 from rlhf_engine.ops.logprobs import linear_logprobs, token_logprobs, token_logprobs_reference
 from rlhf_engine.ops.ppo import (
     AGG_MODES,
     KL_KINDS,
     aggregate_loss,
-    gae,
-    group_advantages,
     kl_penalty,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
-    reinforce_pp_returns,
     value_loss,
 )
 

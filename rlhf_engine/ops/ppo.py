@@ -1,5 +1,6 @@
-"""The PPO objective: KL estimators, the clipped policy loss (fused with its KL term), the value loss, GAE, group
-advantages (GRPO / RLOO) and the masked helpers. Semantics: the README, "Using rlhf-engine inside another trainer".
+"""The PPO objective: KL estimators, the policy loss (fused with its KL term), the value loss and the masked
+helpers; the advantage estimators are in ``rlhf_engine.ops.advantages``. Semantics: the README, "Using
+rlhf-engine inside another trainer".
 
 Per-token tensors are ``[..., T]`` with a ``mask`` of the same shape (nonzero = a response token that counts);
 leading dimensions are sequences. Inputs may be fp32, bf16 or fp16; the math runs in fp32; outputs are fp32.
@@ -19,6 +20,7 @@ import math
 import torch
 
 from rlhf_engine.ops import _dispatch
+from rlhf_engine.ops._checks import check_choice, check_number, check_same_shape, float_mask, rows_2d
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "abs", "k2", "k3")
@@ -27,50 +29,6 @@ _KL_INDEX = {kind: i for i, kind in enumerate(KL_KINDS)}
 _S, _M, _CLIP, _AKL, _RSUM, _RMAX, _KL = range(7)
 # NOTE: the PyTorch twin works on row chunks of about this many tokens so its temporaries stay small.
 _CHUNK_TOKENS = 1 << 18
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# validation helpers
-# ----------------------------------------------------------------------------------------------------------------
-def _check_same_shape(op: str, reference_name: str, reference: torch.Tensor, **tensors) -> None:
-    if not isinstance(reference, torch.Tensor) or not reference.dtype.is_floating_point:
-        found = reference.dtype if isinstance(reference, torch.Tensor) else type(reference).__name__
-        raise ValueError(f"{op}: {reference_name} must be a floating tensor, found {found}")
-    if reference.dim() < 1:
-        raise ValueError(f"{op}: {reference_name} must have shape [..., T], found a 0-dim tensor")
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a tensor, found {type(t).__name__}")
-        if t.shape != reference.shape:
-            raise ValueError(
-                f"{op}: {name} shape {tuple(t.shape)} must equal {reference_name} shape {tuple(reference.shape)}"
-            )
-        if t.device != reference.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {reference_name} on {reference.device}")
-
-
-def _check_choice(op: str, name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{op}: {name} must be one of {list(choices)}, found {value!r}")
-
-
-def _check_number(op: str, name: str, value, *, low=None, low_inclusive=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be a finite number, found {value!r}")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        raise ValueError(f"{op}: {name} must be {'>=' if low_inclusive else '>'} {low}, found {value!r}")
-    return float(value)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., T] -> [R, T] contiguous."""
-    return t.reshape(-1, t.shape[-1]).contiguous()
-
-
-def _float_mask(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.float32 else mask.float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +41,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, 
     Returns fp32: a 0-dim tensor, or the shape of ``values`` without ``dim``. Masked values may be NaN or inf;
     they never reach the result. Differentiable w.r.t. values.
     """
-    m = _float_mask(mask)
+    m = float_mask(mask)
     weighted = torch.where(m != 0, values.float() * m, 0.0)
     total, count = (weighted.sum(), m.sum()) if dim is None else (weighted.sum(dim), m.sum(dim))
     return torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
@@ -98,7 +56,7 @@ def masked_whiten(
     entries. values [...], mask [...] of the same shape; returns [...] fp32. With ``shift_mean=False`` the mean is
     added back (only the scale changes).
     """
-    m = _float_mask(mask)
+    m = float_mask(mask)
     x = torch.where(m != 0, values.float(), 0.0)
     mean = masked_mean(x, m)
     count = m.sum()
@@ -136,10 +94,10 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: str = 
     A sequence without an unmasked token is not counted; an empty batch gives 0. Differentiable w.r.t. L; masked
     entries are ignored (even NaN).
     """
-    _check_choice("aggregate_loss", "agg", agg, AGG_MODES)
-    _check_same_shape("aggregate_loss", "per_token_loss", per_token_loss, mask=mask)
-    m = _rows(_float_mask(mask))
-    loss_rows = torch.where(m != 0, _rows(per_token_loss).float() * m, 0.0).sum(-1)
+    check_choice("aggregate_loss", "agg", agg, AGG_MODES)
+    check_same_shape("aggregate_loss", "per_token_loss", per_token_loss, mask=mask)
+    m = rows_2d(float_mask(mask))
+    loss_rows = torch.where(m != 0, rows_2d(per_token_loss).float() * m, 0.0).sum(-1)
     return (loss_rows * _row_weights(m.sum(-1), agg, m.shape[-1])).sum()
 
 
@@ -157,8 +115,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     logp, ref_logp [...] of one shape (any floating dtype). Returns [...] fp32, differentiable w.r.t. both.
     Unmasked: multiply by the response mask, or reduce with ``masked_mean`` / ``aggregate_loss``.
     """
-    _check_choice("kl_penalty", "kind", kind, KL_KINDS)
-    _check_same_shape("kl_penalty", "logp", logp, ref_logp=ref_logp)
+    check_choice("kl_penalty", "kind", kind, KL_KINDS)
+    check_same_shape("kl_penalty", "logp", logp, ref_logp=ref_logp)
     diff = logp.float() - ref_logp.float()
     if kind == "k1":
         return diff
@@ -331,17 +289,17 @@ def ppo_policy_loss(
     ratio_max, and kl_mean when ``ref_logp`` is given; all masked means over tokens.
     """
     op = "ppo_policy_loss"
-    _check_same_shape(op, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
-    clip_low = _check_number(op, "clip_low", clip_low, low=0.0)
-    clip_high = clip_low if clip_high is None else _check_number(op, "clip_high", clip_high, low=0.0)
+    check_same_shape(op, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
+    clip_low = check_number(op, "clip_low", clip_low, low=0.0)
+    clip_high = clip_low if clip_high is None else check_number(op, "clip_high", clip_high, low=0.0)
     if dual_clip is not None:
-        dual_clip = _check_number(op, "dual_clip", dual_clip, low=1.0)
-    kl_coef = _check_number(op, "kl_coef", kl_coef)
-    _check_choice(op, "kl_kind", kl_kind, KL_KINDS)
-    _check_choice(op, "agg", agg, AGG_MODES)
+        dual_clip = check_number(op, "dual_clip", dual_clip, low=1.0)
+    kl_coef = check_number(op, "kl_coef", kl_coef)
+    check_choice(op, "kl_kind", kl_kind, KL_KINDS)
+    check_choice(op, "agg", agg, AGG_MODES)
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logp (the reference model's log-probs)")
-    rows = [_rows(t) if t is not None else None for t in (logp, old_logp, advantages, mask, ref_logp)]
+    rows = [rows_2d(t) if t is not None else None for t in (logp, old_logp, advantages, mask, ref_logp)]
     loss, partials = _PPOPolicyLossFunction.apply(
         *rows, 1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, kl_kind, agg
     )
@@ -378,11 +336,11 @@ def value_loss(
     values; stats (0-dim fp32): clipfrac (share of tokens where the clipped term is the larger), value_mean.
     """
     op = "value_loss"
-    _check_same_shape(op, "values", values, old_values=old_values, returns=returns, mask=mask)
-    _check_choice(op, "agg", agg, AGG_MODES)
+    check_same_shape(op, "values", values, old_values=old_values, returns=returns, mask=mask)
+    check_choice(op, "agg", agg, AGG_MODES)
     if clip is not None:
-        clip = _check_number(op, "clip", clip, low=0.0)
-    m = _float_mask(mask)
+        clip = check_number(op, "clip", clip, low=0.0)
+    m = float_mask(mask)
     live = m != 0
     v = torch.where(live, values.float(), 0.0)
     ret = torch.where(live, returns.float(), 0.0)
@@ -398,146 +356,3 @@ def value_loss(
         clipfrac = masked_mean((clipped > unclipped).float(), m)
     loss = aggregate_loss(per_token, m, agg)
     return loss, {"clipfrac": clipfrac, "value_mean": masked_mean(v.detach(), m)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# advantages
-# ----------------------------------------------------------------------------------------------------------------
-def _gae_torch(rewards, values, mask, gamma, lam):
-    n_rows, n_cols = rewards.shape
-    r, v = rewards.float(), values.float()
-    live = mask != 0
-    advantages = torch.zeros((n_rows, n_cols), dtype=torch.float32, device=rewards.device)
-    next_value = torch.zeros(n_rows, dtype=torch.float32, device=rewards.device)
-    last_gae = torch.zeros_like(next_value)
-    for t in range(n_cols - 1, -1, -1):
-        delta = r[:, t] + gamma * next_value - v[:, t]
-        gae_t = delta + gamma * lam * last_gae
-        last_gae = torch.where(live[:, t], gae_t, last_gae)
-        next_value = torch.where(live[:, t], v[:, t], next_value)
-        advantages[:, t] = torch.where(live[:, t], gae_t, 0.0)
-    returns = torch.where(live, advantages + v, 0.0)
-    return advantages, returns
-
-
-def _gae_native(rewards, values, mask, gamma, lam):
-    from rlhf_engine import _C  # noqa: F401
-
-    def f32(t):
-        return t if t.dtype == torch.float32 else t.float()
-
-    m = mask if mask.dtype in (torch.float32, torch.bool) else mask.float()
-    return torch.ops.rlhf_engine.gae(f32(rewards), f32(values), m, gamma, lam)
-
-
-def _gae_triton(rewards, values, mask, gamma, lam):
-    from rlhf_engine.kernels import gae as kernels
-
-    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return kernels.gae_forward(rewards, values, m, gamma, lam)
-
-
-@torch.no_grad()
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation: rewards, values, mask [..., T] -> ``(advantages, returns)`` [..., T],
-    fp32, no gradient.
-
-    delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next, R_t = A_t + V_t, where "next" is the next
-    unmasked position (0 after the last one). Masked positions are skipped (A = R = 0 there), so interior masked
-    spans (e.g. tool output inside a response) neither contribute nor break the recursion.
-    """
-    op = "gae"
-    _check_same_shape(op, "rewards", rewards, values=values, mask=mask)
-    gamma = _check_number(op, "gamma", gamma, low=0.0, low_inclusive=True)
-    lam = _check_number(op, "lam", lam, low=0.0, low_inclusive=True)
-    if gamma > 1.0 or lam > 1.0:
-        raise ValueError(f"{op}: gamma and lam must lie in [0, 1], found gamma={gamma}, lam={lam}")
-    shape = rewards.shape
-    rows = [_rows(t) for t in (rewards, values, mask)]
-    _, (advantages, returns) = _dispatch.run(
-        op, tuple(rows), {"triton": _gae_triton, "native": _gae_native, "torch": _gae_torch}, *rows, gamma, lam
-    )
-    return advantages.view(shape), returns.view(shape)
-
-
-def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, *,
-                         whiten: bool = True) -> torch.Tensor:
-    """REINFORCE++ advantages: discounted returns of per-token rewards, whitened over the batch's tokens.
-
-    token_rewards [B, T] (typically the outcome score at each response's last token minus kl_coef * KL at every
-    token), mask [B, T] (1 = response token) -> [B, T] fp32, 0 where masked:
-        G_t = m_t r_t + gamma * G_{t+1}   (from the end of the row; masked rewards count as 0)
-        A = masked_whiten(G, mask)        (``whiten=False``: G * mask)
-    """
-    op = "reinforce_pp_returns"
-    if not isinstance(token_rewards, torch.Tensor) or token_rewards.dim() != 2:
-        found = tuple(token_rewards.shape) if isinstance(token_rewards, torch.Tensor) else type(token_rewards).__name__
-        raise ValueError(f"{op}: token_rewards must be a 2-D tensor [B, T], found {found}")
-    if not isinstance(mask, torch.Tensor) or mask.shape != token_rewards.shape:
-        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{op}: mask must have the rewards' shape {tuple(token_rewards.shape)}, found {found}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"{op}: gamma must be in [0, 1], found {gamma}")
-    m = _float_mask(mask)
-    rewards = torch.where(m != 0, token_rewards.float(), 0.0)  # NaN padding included
-    returns = torch.empty_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in range(rewards.shape[1] - 1, -1, -1):  # NOTE: T steps of [B] vectors; T is a response length
-        running = rewards[:, t] + gamma * running
-        returns[:, t] = running
-    return masked_whiten(returns, m) if whiten else returns * m
-
-
-def group_advantages(
-    scores: torch.Tensor, group_size: int | None = None, *, index: torch.Tensor | None = None, kind: str = "grpo",
-    norm_std: bool = True, eps: float = 1e-6
-) -> torch.Tensor:
-    """Outcome advantages of samples grouped by prompt: ``group_size`` consecutive samples per group, or ``index``.
-
-    scores [N] -> advantages [N] fp32, one per sequence (broadcast it over the response tokens:
-    ``adv[:, None] * mask``). Groups: ``group_size`` (N a multiple of it, each group's samples adjacent), or
-    ``index`` [N] (integer group ids in any order; groups of unequal sizes). For a group s_1..s_G:
-        grpo: (s_i - mean(s)) / (std(s) + eps), std unbiased; s_i - mean(s) with ``norm_std=False``
-        rloo: s_i - mean of the other G - 1 members
-        reinforce++-baseline: s_i - mean(s), then whitened over all N: (d - mean(d)) / (std(d) + eps)
-    A group of one has no baseline but itself: its advantage is 0 (before the whitening of reinforce++-baseline).
-    """
-    op = "group_advantages"
-    _check_choice(op, "kind", kind, ("grpo", "rloo", "reinforce++-baseline"))
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-        found = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"{op}: scores must be a 1-D tensor [N], found {found}")
-    if (group_size is None) == (index is None):
-        raise ValueError(f"{op}: pass exactly one of group_size (equal adjacent groups) or index (group ids)")
-    s = scores.float()
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"{op}: group_size must be a positive int, found {group_size!r}")
-        if s.shape[0] % group_size:
-            raise ValueError(f"{op}: group_size {group_size} does not divide the number of scores {s.shape[0]}")
-        groups = torch.arange(s.shape[0], device=s.device) // group_size
-        n_groups = s.shape[0] // group_size
-    else:
-        if not isinstance(index, torch.Tensor) or index.shape != s.shape or index.is_floating_point():
-            found = (f"{tuple(index.shape)} {index.dtype}" if isinstance(index, torch.Tensor)
-                     else type(index).__name__)
-            raise ValueError(f"{op}: index must be an integer tensor of the scores' shape {tuple(s.shape)}, "
-                             f"found {found}")
-        ids, groups = torch.unique(index.to(s.device), return_inverse=True)
-        n_groups = ids.numel()
-    count = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, torch.ones_like(s))[groups]  # [N]
-    total = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, s)[groups]  # [N]
-    deviation = s - total / count
-    if kind == "rloo":
-        out = torch.where(count > 1, s - (total - s) / (count - 1).clamp(min=1), 0.0)
-    elif kind == "grpo" and norm_std:
-        squares = torch.zeros(n_groups, device=s.device).scatter_add_(0, groups, deviation**2)[groups]
-        std = (squares / (count - 1).clamp(min=1)).sqrt()
-        out = torch.where(count > 1, deviation / (std + eps), 0.0)
-    else:
-        out = deviation  # exactly 0 for a group of one
-    if kind == "reinforce++-baseline" and out.numel() > 1:
-        out = (out - out.mean()) / (out.std() + eps)
-    return out
