@@ -26,7 +26,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_ppo_ops.py",
-                "tests/test_dispatch.py"]
+                "tests/test_dispatch.py", "tests/test_advantages.py::test_gae_matches_reference",
+                "tests/test_advantages.py::test_gae_skips_interior_masked_span",
+                "tests/test_advantages.py::test_gae_more_rows_than_programs"]
 NATIVE_TESTS = ["tests/test_cache_ops.py", "tests/test_paged_attention.py", "tests/test_rollout.py"]
 BUDGET_S = 8 * 60
 

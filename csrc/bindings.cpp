@@ -16,11 +16,13 @@ TORCH_LIBRARY(rlhf_engine, m) {
   m.def(
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
-  // PPO objective, CPU twins of the Triton kernels (rlhf_engine.ops.ppo): dual_clip <= 0 means none;
-  // kl_kind 0..3 = k1, abs, k2, k3. Returns (mask * dL/dlogp [R, T], per-row partial sums [R, 7]).
+  // PPO objective, CPU twins of the Triton kernels (rlhf_engine.ops.ppo): policy 0..3 = ppo, gspo, cispo, sapo;
+  // dual_clip <= 0 means none; kl_kind 0..3 = k1, abs, k2, k3; is_weights multiply the policy term.
+  // Returns (mask * dL/dlogp [R, T], per-row partial sums [R, 7]).
   m.def(
       "ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
-      "float ratio_low, float ratio_high, float dual_clip, float kl_coef, int kl_kind) -> (Tensor, Tensor)");
+      "Tensor? is_weights, int policy, float ratio_low, float ratio_high, float dual_clip, float kl_coef, "
+      "int kl_kind, float tau_pos, float tau_neg) -> (Tensor, Tensor)");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
 }
 

@@ -1,9 +1,9 @@
-// CPU kernels of the PPO objective (schemas in bindings.cpp): the fused clipped policy loss + KL term, and the
-// GAE scan. The CUDA path of these ops is Triton (kernels/ppo_loss.py, kernels/gae.py); these are the native
+// CPU kernels of the PPO objective (schemas in bindings.cpp): the fused policy loss (ppo, gspo, cispo, sapo) +
+// KL term, and the GAE scan. The CUDA path of these ops is Triton (kernels/ppo_loss.py, kernels/gae.py); these are the native
 // CPU twins, one pass over the data with no temporaries, parallel over rows.
 //
 // Layouts: every per-token tensor is [R, T], contiguous; logp/old_logp/advantages/ref_logp/rewards/values are
-// float32 (the Python wrapper converts), mask is float32 or bool. Math as in kernels/ppo_loss.py.
+// float32 (the Python wrapper converts), mask is float32 or bool; is_weights (rollout correction) float32. Math as in kernels/ppo_loss.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -90,21 +90,91 @@ inline void kl_and_grad(vf logp, vf ref, vf& kl, vf& dkl) {
   }
 }
 
+enum PolicyKind : int { kPPO = 0, kGSPO = 1, kCISPO = 2, kSAPO = 3 };  // rlhf_engine.ops.ppo.POLICY_LOSSES
+
 struct PolicyParams {
-  float ratio_low, ratio_high, dual_clip, kl_coef;
+  float ratio_low, ratio_high, dual_clip, kl_coef, tau_pos, tau_neg;
+  bool dual;  // dual_clip > 0 (ppo only)
 };
 
-template <typename mask_t, int KIND, bool DUAL>
+// exp(x) for x in [-87, 0].
+inline vf vexp_neg(vf x) { return simd::exp_cephes<vf, vi, 128>(x); }
+
+// The policy term P, its derivative w.r.t. logp, the clipped flag and the ratio of one vector of tokens
+// (kernels/ppo_loss.py: _policy_term). seq_ratio / seq_live: GSPO's row ratio and whether its log is below 10.
+template <int POLICY>
+inline void policy_term(vf lp, vf old, vf a, float seq_ratio, bool seq_live, const PolicyParams& p, vf& term,
+                        vf& dterm, vi& clipped, vf& ratio) {
+  const vf zero = splat(0.f);
+  const vf diff = lp - old;
+  vi in_range = (diff >= -20.f) & (diff <= 20.f);
+  ratio = vexp(vclamp(diff, -20.f, 20.f));
+  if constexpr (POLICY == kGSPO) {
+    ratio = splat(seq_ratio);
+    in_range = seq_live ? (zero == zero) : (zero != zero);
+  }
+  if constexpr (POLICY == kSAPO) {
+    // sigmoid(x) and its derivative e / (1 + e)^2 from e = exp(-|x|): no overflow, the tails kept
+    const vf tau = select(a > 0.f, splat(p.tau_pos), splat(p.tau_neg));
+    const vf x = tau * (ratio - 1.f);
+    const vf ax = select(x < 0.f, -x, x);
+    const vf e = vexp_neg(-select(ax > 87.f, splat(87.f), ax));
+    const vf inv = 1.f / (1.f + e);
+    const vf gate = select(x >= 0.f, inv, e * inv);
+    term = -a * gate * (4.f / tau);
+    dterm = select(in_range, -a * 4.f * e * inv * inv * ratio, zero);
+    clipped = zero != zero;
+  } else {
+    const vf weight = vclamp(ratio, p.ratio_low, p.ratio_high);
+    if constexpr (POLICY == kCISPO) {  // -sg[clamp(ratio)] A logp: the clamped ratio is a constant weight
+      term = -a * weight * lp;
+      dterm = -a * weight;
+      clipped = (ratio < p.ratio_low) | (ratio > p.ratio_high);
+    } else {  // ppo, and gspo with the row's ratio
+      const vf pg1 = -a * ratio;
+      const vf pg2 = -a * weight;
+      clipped = pg2 > pg1;
+      term = select(clipped, pg2, pg1);
+      dterm = select(clipped, zero, pg1);  // d(-A ratio)/dlogp = -A ratio
+      if constexpr (POLICY == kPPO) {
+        if (p.dual) {
+          const vf pg3 = -a * p.dual_clip;
+          const vi capped = (a < 0.f) & (pg3 < term);
+          term = select(capped, pg3, term);
+          dterm = select(capped, zero, dterm);
+        }
+      }
+      dterm = select(in_range, dterm, zero);
+    }
+  }
+}
+
+template <typename mask_t, int KIND, int POLICY>
 void policy_rows(const float* logp,      // [R, T]
                  const float* old_logp,  // [R, T]
                  const float* adv,       // [R, T]
                  const mask_t* mask,     // [R, T]
                  const float* ref,       // [R, T] or nullptr (KIND == kNoRef)
+                 const float* weights,   // [R, T] rollout IS weights, or nullptr (1)
                  float* dloss,           // [R, T] out: mask * dL/dlogp
                  float* partials,        // [R, kNumPartials] out
                  int64_t T, int64_t row_begin, int64_t row_end, const PolicyParams& p) {
   const vf zero = splat(0.f), neg_inf = splat(-std::numeric_limits<float>::infinity());
   for (int64_t r = row_begin; r < row_end; ++r) {
+    float seq_ratio = 0.f;
+    bool seq_live = false;
+    if constexpr (POLICY == kGSPO) {  // a first pass: the row's mean log-ratio
+      vf sum_diff = zero, sum_m = zero;
+      for (int64_t t = 0; t < T; t += W) {
+        const int64_t i = r * T + t, n = std::min(W, T - t);
+        const vf m = load(mask + i, n);
+        sum_diff += select(m != 0.f, (load(logp + i, n) - load(old_logp + i, n)) * m, zero);
+        sum_m += m;
+      }
+      const float count = hsum(sum_m), mean = hsum(sum_diff) / (count != 0.f ? count : 1.f);
+      seq_live = mean <= 10.f;
+      seq_ratio = std::exp(std::min(mean, 10.f));
+    }
     vf sum_loss = zero, sum_mask = zero, sum_clip = zero, sum_akl = zero, sum_ratio = zero, sum_kl = zero;
     vf ratio_max = neg_inf;
     for (int64_t t = 0; t < T; t += W) {
@@ -114,20 +184,14 @@ void policy_rows(const float* logp,      // [R, T]
       const vf lp = select(live, load(logp + i, n), zero);
       const vf old = select(live, load(old_logp + i, n), zero);
       const vf a = select(live, load(adv + i, n), zero);
-      const vf diff = lp - old;
-      const vf ratio = vexp(vclamp(diff, -20.f, 20.f));
-      const vf pg1 = -a * ratio;
-      const vf pg2 = -a * vclamp(ratio, p.ratio_low, p.ratio_high);
-      const vi clipped = pg2 > pg1;
-      vf loss = select(clipped, pg2, pg1);
-      vf dl = select(clipped, zero, pg1);  // d(-A ratio)/dlogp = -A ratio
-      if constexpr (DUAL) {
-        const vf pg3 = -a * p.dual_clip;
-        const vi capped = (a < 0.f) & (pg3 < loss);
-        loss = select(capped, pg3, loss);
-        dl = select(capped, zero, dl);
+      vf loss, dl, ratio;
+      vi clipped;
+      policy_term<POLICY>(lp, old, a, seq_ratio, seq_live, p, loss, dl, clipped, ratio);
+      if (weights != nullptr) {
+        const vf w = select(live, load(weights + i, n), zero);
+        loss *= w;
+        dl *= w;
       }
-      dl = select((diff >= -20.f) & (diff <= 20.f), dl, zero);
       if constexpr (KIND != kNoRef) {
         vf kl, dkl;
         kl_and_grad<KIND>(lp, select(live, load(ref + i, n), zero), kl, dkl);
@@ -155,19 +219,34 @@ void policy_rows(const float* logp,      // [R, T]
   }
 }
 
-// Picks the instantiation for the runtime (mask dtype, kl kind, dual clip) once per call.
-template <typename mask_t>
-void policy_rows_dispatch(int kind, bool dual, const float* logp, const float* old, const float* adv,
-                          const mask_t* mask, const float* ref, float* dloss, float* partials, int64_t T,
+// Picks the instantiation for the runtime (mask dtype, kl kind, policy kind) once per call.
+template <typename mask_t, int KIND>
+void policy_rows_for_kind(int policy, const float* logp, const float* old, const float* adv, const mask_t* mask,
+                          const float* ref, const float* weights, float* dloss, float* partials, int64_t T,
                           int64_t begin, int64_t end, const PolicyParams& p) {
-#define RLHF_POLICY_CASE(K)                                                                             \
-  case K:                                                                                               \
-    if (dual) {                                                                                         \
-      policy_rows<mask_t, K, true>(logp, old, adv, mask, ref, dloss, partials, T, begin, end, p);       \
-    } else {                                                                                            \
-      policy_rows<mask_t, K, false>(logp, old, adv, mask, ref, dloss, partials, T, begin, end, p);      \
-    }                                                                                                   \
-    return;
+  switch (policy) {
+    case kPPO:
+      return policy_rows<mask_t, KIND, kPPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end, p);
+    case kGSPO:
+      return policy_rows<mask_t, KIND, kGSPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end, p);
+    case kCISPO:
+      return policy_rows<mask_t, KIND, kCISPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end,
+                                               p);
+    case kSAPO:
+      return policy_rows<mask_t, KIND, kSAPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end, p);
+    default:
+      TORCH_CHECK(false, "ppo_policy_loss_fwd: unknown policy kind ", policy);
+  }
+}
+
+template <typename mask_t>
+void policy_rows_dispatch(int kind, int policy, const float* logp, const float* old, const float* adv,
+                          const mask_t* mask, const float* ref, const float* weights, float* dloss, float* partials,
+                          int64_t T, int64_t begin, int64_t end, const PolicyParams& p) {
+#define RLHF_POLICY_CASE(K)                                                                                   \
+  case K:                                                                                                     \
+    return policy_rows_for_kind<mask_t, K>(policy, logp, old, adv, mask, ref, weights, dloss, partials, T, begin, \
+                                           end, p);
   switch (kind) {
     RLHF_POLICY_CASE(kNoRef)
     RLHF_POLICY_CASE(kK1)
@@ -198,8 +277,10 @@ int64_t grain_rows(int64_t T) { return std::max<int64_t>(1, 32768 / std::max<int
 std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(const at::Tensor& logp, const at::Tensor& old_logp,
                                                           const at::Tensor& advantages, const at::Tensor& mask,
                                                           const std::optional<at::Tensor>& ref_logp,
+                                                          const std::optional<at::Tensor>& is_weights, int64_t policy,
                                                           double ratio_low, double ratio_high, double dual_clip,
-                                                          double kl_coef, int64_t kl_kind) {
+                                                          double kl_coef, int64_t kl_kind, double tau_pos,
+                                                          double tau_neg) {
   constexpr const char* op = "ppo_policy_loss_fwd";
   TORCH_CHECK(logp.dim() == 2, op, ": logp must be [R, T], found ", logp.sizes());
   check_rows(op, "logp", logp, logp, true);
@@ -207,24 +288,32 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(const at::Tensor& log
   check_rows(op, "advantages", advantages, logp, true);
   check_rows(op, "mask", mask, logp, false);
   if (ref_logp.has_value()) check_rows(op, "ref_logp", *ref_logp, logp, true);
+  if (is_weights.has_value()) check_rows(op, "is_weights", *is_weights, logp, true);
+  TORCH_CHECK(policy >= kPPO && policy <= kSAPO, op, ": policy must be 0..3 (ppo, gspo, cispo, sapo), found ",
+              policy);
   TORCH_CHECK(kl_kind >= 0 && kl_kind <= 3, op, ": kl_kind must be 0..3 (k1, abs, k2, k3), found ", kl_kind);
   TORCH_CHECK(ratio_low < ratio_high, op, ": ratio_low ", ratio_low, " must be below ratio_high ", ratio_high);
+  TORCH_CHECK(tau_pos > 0.0 && tau_neg > 0.0, op, ": tau_pos and tau_neg must be > 0, found ", tau_pos, ", ",
+              tau_neg);
+  TORCH_CHECK(dual_clip <= 0.0 || policy == kPPO, op, ": dual_clip applies to policy 0 (ppo) only");
 
   const int64_t R = logp.size(0), T = logp.size(1);
   auto dloss = at::empty({R, T}, logp.options());
   auto partials = at::empty({R, kNumPartials}, logp.options());
   const PolicyParams p{static_cast<float>(ratio_low), static_cast<float>(ratio_high), static_cast<float>(dual_clip),
-                       static_cast<float>(kl_coef)};
+                       static_cast<float>(kl_coef),   static_cast<float>(tau_pos),    static_cast<float>(tau_neg),
+                       dual_clip > 0.0};
   const int kind = ref_logp.has_value() ? static_cast<int>(kl_kind) : kNoRef;
-  const bool dual = dual_clip > 0.0;
+  const int pol = static_cast<int>(policy);
   const float* ref = ref_logp.has_value() ? ref_logp->data_ptr<float>() : nullptr;
+  const float* w = is_weights.has_value() ? is_weights->data_ptr<float>() : nullptr;
   const float *lp = logp.data_ptr<float>(), *old = old_logp.data_ptr<float>(), *adv = advantages.data_ptr<float>();
   float *dl = dloss.data_ptr<float>(), *part = partials.data_ptr<float>();
   at::parallel_for(0, R, grain_rows(T), [&](int64_t begin, int64_t end) {
     if (mask.scalar_type() == at::kBool) {
-      policy_rows_dispatch(kind, dual, lp, old, adv, mask.data_ptr<bool>(), ref, dl, part, T, begin, end, p);
+      policy_rows_dispatch(kind, pol, lp, old, adv, mask.data_ptr<bool>(), ref, w, dl, part, T, begin, end, p);
     } else {
-      policy_rows_dispatch(kind, dual, lp, old, adv, mask.data_ptr<float>(), ref, dl, part, T, begin, end, p);
+      policy_rows_dispatch(kind, pol, lp, old, adv, mask.data_ptr<float>(), ref, w, dl, part, T, begin, end, p);
     }
   });
   return {dloss, partials};

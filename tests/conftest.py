@@ -23,6 +23,16 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["torch", "triton", "native"])
+def ppo_backend(request, monkeypatch):
+    """The ops with a native C++ kernel (PPO loss, GAE), once per backend; native runs on CPU tensors only, so
+    under `make gpu-check` (tensors on the GPU) its runs are skipped."""
+    if request.param == "native" and os.environ.get("RLHF_ENGINE_TEST_DEVICE", "cpu") != "cpu":
+        pytest.skip("the native kernels take CPU tensors; this run puts them on the GPU")
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -7,12 +7,6 @@ import torch
 from rlhf_engine.ops import gae, group_advantages, reinforce_pp_returns
 
 
-@pytest.fixture(params=["torch", "triton", "native"])
-def ppo_backend(request, monkeypatch):
-    monkeypatch.setenv("RLHF_ENGINE_BACKEND", request.param)
-    return request.param
-
-
 def ragged_mask(b, t):
     """Right-padded rows of random lengths, masked spans inside every other row, one all-masked row."""
     lengths = torch.randint(1, t + 1, (b,))
@@ -63,6 +57,19 @@ def test_gae_skips_interior_masked_span(ppo_backend):
     compact_adv, _ = gae(rewards[:, [0, 1, 4]], values[:, [0, 1, 4]], torch.ones(1, 3, dtype=torch.bool))
     torch.testing.assert_close(adv[:, [0, 1, 4]], compact_adv)
     assert torch.all(adv[:, 2:4] == 0)
+
+
+def test_gae_more_rows_than_programs(monkeypatch):
+    """The Triton launch grid is capped (CUDA limits grid dimensions): programs stride over the other rows."""
+    from rlhf_engine.kernels import gae as kernels
+
+    monkeypatch.setenv("RLHF_ENGINE_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "MAX_PROGRAMS", 3)
+    rewards, values, mask = torch.randn(11, 9), torch.randn(11, 9), ragged_mask(11, 9)
+    adv, ret = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    ref_adv, ref_ret = ref_gae(rewards, values, mask, 0.99, 0.95)
+    torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=1e-5)
 
 
 def test_gae_bad_input_is_named():

@@ -5,13 +5,13 @@ Stable (semantics, math and shapes in each docstring; per-token tensors are [...
     token_logprobs(logits, targets)                       log p(target) [...] (+ entropy) from logits [..., V]
     linear_logprobs(hidden, weight, targets, bias=)       the same from hidden [..., H] and the LM head [V, H]
     kl_penalty(logp, ref_logp, kind)                      per-token KL estimate (k1 | abs | k2 | k3)
-    ppo_policy_loss(logp, old_logp, advantages, mask)     clipped surrogate (+ KL term) -> (loss, stats)
+    ppo_policy_loss(logp, old_logp, advantages, mask)     ppo | gspo | cispo | sapo surrogate (+ KL) -> (loss, stats)
     value_loss(values, old_values, returns, mask)         clipped critic loss -> (loss, stats)
     gae(rewards, values, mask)                            (advantages, returns)
     group_advantages(scores, group_size | index=, kind=)  GRPO / RLOO / REINFORCE++ outcome advantages [N]
     reinforce_pp_returns(token_rewards, mask, gamma)      REINFORCE++ advantages: whitened discounted returns
     masked_mean, masked_whiten, aggregate_loss            masked reductions
-    AGG_MODES, KL_KINDS                                   the accepted ``agg`` and ``kind`` strings
+    AGG_MODES, KL_KINDS, POLICY_LOSSES                    the accepted ``agg``, ``kind`` and ``policy_loss`` strings
 
 For a Hugging Face model, ``rlhf_engine.integrations.hf.logprobs_from_model`` runs its body and
 ``linear_logprobs`` on its LM head.
@@ -35,6 +35,7 @@ from rlhf_engine.ops.logprobs import linear_logprobs, token_logprobs, token_logp
 from rlhf_engine.ops.ppo import (
     AGG_MODES,
     KL_KINDS,
+    POLICY_LOSSES,
     aggregate_loss,
     kl_penalty,
     masked_mean,
@@ -58,6 +59,7 @@ __all__ = [
     "aggregate_loss",
     "AGG_MODES",
     "KL_KINDS",
+    "POLICY_LOSSES",
     # the eager reference of token_logprobs (baseline of the benchmarks, oracle of the tests)
     "token_logprobs_reference",
     # backend introspection

@@ -7,22 +7,26 @@ leading dimensions are sequences. Inputs may be fp32, bf16 or fp16; the math run
 
 Aggregation ``agg`` of a per-token loss L over sequences r and positions t:
     token-mean               sum(L m) / sum(m)
+    token-sum                sum(L m)
     seq-mean-token-sum       mean over counted sequences of sum_t(L m)
     seq-mean-token-mean      mean over counted sequences of sum_t(L m) / sum_t(m)
-    seq-mean-token-sum-norm  sum(L m) / (R T)
+    seq-mean-token-sum-norm  sum(L m) / (R T)   (T: ``agg_norm`` where given)
 A sequence without an unmasked token is not counted; a batch without one gives 0 (and zero gradients), never NaN.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from rlhf_engine.ops import _dispatch
 from rlhf_engine.ops._checks import check_choice, check_number, check_same_shape, float_mask, rows_2d
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo")
+_PPO, _GSPO, _CISPO, _SAPO = range(4)  # indices of POLICY_LOSSES, as the kernels take them
 KL_KINDS = ("k1", "abs", "k2", "k3")
 _KL_INDEX = {kind: i for i, kind in enumerate(KL_KINDS)}
 # per-row partial sums of the fused policy loss, in this order
@@ -67,15 +71,18 @@ def masked_whiten(
     return torch.where(m != 0, out, 0.0)
 
 
-def _row_weights(row_mask_sum: torch.Tensor, agg: str, n_cols: int) -> torch.Tensor:
+def _row_weights(row_mask_sum: torch.Tensor, agg: str, n_cols: int, agg_norm: float | None = None) -> torch.Tensor:
     """Weight of each row's sum_t(L m) in the aggregated loss: loss = sum_r w_r sum_t(L m)."""
     n_rows = row_mask_sum.shape[0]
     counted = row_mask_sum != 0
     if agg == "token-mean":
         total = row_mask_sum.sum()
         return torch.where(total != 0, 1.0 / torch.where(total != 0, total, 1.0), 0.0).expand(n_rows)
+    if agg == "token-sum":
+        return torch.ones_like(row_mask_sum)
     if agg == "seq-mean-token-sum-norm":
-        return torch.full_like(row_mask_sum, 1.0 / max(1, n_rows * n_cols))
+        norm = n_cols if agg_norm is None else agg_norm
+        return torch.full_like(row_mask_sum, 1.0 / (max(1, n_rows) * norm) if norm else 0.0)
     n_counted = counted.sum().float()
     per_seq = torch.where(n_counted != 0, 1.0 / torch.clamp(n_counted, min=1.0), 0.0)
     if agg == "seq-mean-token-sum":
@@ -83,22 +90,29 @@ def _row_weights(row_mask_sum: torch.Tensor, agg: str, n_cols: int) -> torch.Ten
     return torch.where(counted, per_seq / torch.where(counted, row_mask_sum, 1.0), 0.0)  # seq-mean-token-mean
 
 
-def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *,
+                   agg_norm: float | None = None) -> torch.Tensor:
     """Reduces a per-token loss L [..., T] under ``mask`` m [..., T] to a 0-dim fp32 loss; with R sequences:
 
         token-mean               sum(L m) / sum(m)
+        token-sum                sum(L m)
         seq-mean-token-sum       mean over counted sequences of sum_t(L m)
         seq-mean-token-mean      mean over counted sequences of sum_t(L m) / sum_t(m)
-        seq-mean-token-sum-norm  sum(L m) / (R T)
+        seq-mean-token-sum-norm  sum(L m) / (R T), or sum(L m) / (R agg_norm) with ``agg_norm``
 
     A sequence without an unmasked token is not counted; an empty batch gives 0. Differentiable w.r.t. L; masked
     entries are ignored (even NaN).
     """
-    check_choice("aggregate_loss", "agg", agg, AGG_MODES)
-    check_same_shape("aggregate_loss", "per_token_loss", per_token_loss, mask=mask)
+    op = "aggregate_loss"
+    check_choice(op, "agg", agg, AGG_MODES)
+    check_same_shape(op, "per_token_loss", per_token_loss, mask=mask)
+    if agg_norm is not None:
+        if agg != "seq-mean-token-sum-norm":
+            raise ValueError(f"{op}: agg_norm applies to agg='seq-mean-token-sum-norm' only, found agg={agg!r}")
+        agg_norm = check_number(op, "agg_norm", agg_norm, low=0.0)
     m = rows_2d(float_mask(mask))
     loss_rows = torch.where(m != 0, rows_2d(per_token_loss).float() * m, 0.0).sum(-1)
-    return (loss_rows * _row_weights(m.sum(-1), agg, m.shape[-1])).sum()
+    return (loss_rows * _row_weights(m.sum(-1), agg, m.shape[-1], agg_norm)).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,9 +160,69 @@ def _kl_and_grad_torch(logp: torch.Tensor, ref: torch.Tensor, kind: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the fused clipped policy loss: backends
+# the fused policy loss: backends
 # ----------------------------------------------------------------------------------------------------------------
-def _policy_rows_torch(logp, old_logp, advantages, mask, ref_logp, ratio_low, ratio_high, dual_clip, kl_coef, kind):
+@dataclass(frozen=True)
+class _PolicyParams:
+    """The scalars of one call, as every backend takes them (``policy`` an index into POLICY_LOSSES)."""
+
+    policy: int
+    ratio_low: float
+    ratio_high: float
+    dual_clip: float | None
+    kl_coef: float
+    kl_kind: str
+    tau_pos: float
+    tau_neg: float
+
+
+def _sapo_gate_torch(x: torch.Tensor):
+    """sigmoid(x) and sigmoid(x) (1 - sigmoid(x)) = e / (1 + e)^2 with e = exp(-|x|): no overflow, and the
+    derivative keeps its tiny tail where 1 - sigmoid(x) would round to 0 (kernels/ppo_loss.py computes the same)."""
+    e = torch.exp(-x.abs().clamp(max=87.0))
+    inv = 1.0 / (1.0 + e)
+    return torch.where(x >= 0, inv, e * inv), e * inv * inv
+
+
+def _policy_terms_torch(lp, old, adv, m, live, p: _PolicyParams):
+    """Per-token (pg, d pg / d logp, clipped, ratio) of the policy term, fp32 [r, T]; masked entries arbitrary."""
+    diff = lp - old
+    in_range = (diff >= -20.0) & (diff <= 20.0)
+    ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
+    if p.policy == _GSPO:
+        # the sequence ratio: exp of the row's mean log-ratio, clamped at 10 above; each token's gradient goes
+        # through its own logp only (sg[s] exp(logp - sg[logp]))
+        count = m.sum(-1, keepdim=True)
+        mean = torch.where(live, diff * m, 0.0).sum(-1, keepdim=True) / torch.where(count != 0, count, 1.0)
+        ratio = torch.exp(torch.clamp(mean, max=10.0)).expand_as(diff)
+        in_range = (mean <= 10.0).expand_as(diff)
+    if p.policy == _SAPO:
+        tau = torch.where(adv > 0, p.tau_pos, p.tau_neg)
+        gate, slope = _sapo_gate_torch(tau * (ratio - 1.0))
+        pg = -adv * gate * (4.0 / tau)
+        return pg, torch.where(in_range, -adv * 4.0 * slope * ratio, 0.0), torch.zeros_like(live), ratio
+    weight = torch.clamp(ratio, p.ratio_low, p.ratio_high)
+    if p.policy == _CISPO:  # -sg[clamp(ratio)] A logp: the clipped ratio is a constant weight
+        clipped = (ratio < p.ratio_low) | (ratio > p.ratio_high)
+        return -adv * weight * lp, -adv * weight, clipped, ratio
+    pg1, pg2 = -adv * ratio, -adv * weight
+    clipped = pg2 > pg1
+    pg = torch.where(clipped, pg2, pg1)
+    dpg = torch.where(clipped, 0.0, pg1)  # d(-A ratio)/dlogp = -A ratio
+    if p.dual_clip is not None:
+        pg3 = -adv * p.dual_clip
+        capped = (adv < 0) & (pg3 < pg)
+        pg = torch.where(capped, pg3, pg)
+        dpg = torch.where(capped, 0.0, dpg)
+    return pg, torch.where(in_range, dpg, 0.0), clipped, ratio
+
+
+def _live(t: torch.Tensor, rows: slice, live: torch.Tensor) -> torch.Tensor:
+    """fp32 rows of ``t``, 0 where masked (masked positions may hold anything, NaN included)."""
+    return torch.where(live, t[rows].float(), 0.0)
+
+
+def _policy_rows_torch(logp, old_logp, advantages, mask, ref_logp, is_weights, p: _PolicyParams):
     """[R, T] inputs -> (mask * dL/dlogp [R, T] fp32, partials [R, 7] fp32); chunked over rows."""
     n_rows, n_cols = logp.shape
     dloss = torch.empty((n_rows, n_cols), dtype=torch.float32, device=logp.device)
@@ -158,27 +232,16 @@ def _policy_rows_torch(logp, old_logp, advantages, mask, ref_logp, ratio_low, ra
         rows = slice(start, min(n_rows, start + step))
         m = mask[rows].float()
         live = m != 0
-        lp = torch.where(live, logp[rows].float(), 0.0)
-        old = torch.where(live, old_logp[rows].float(), 0.0)
-        adv = torch.where(live, advantages[rows].float(), 0.0)
-        diff = lp - old
-        ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
-        pg1 = -adv * ratio
-        pg2 = -adv * torch.clamp(ratio, ratio_low, ratio_high)
-        clipped = pg2 > pg1
-        loss = torch.where(clipped, pg2, pg1)
-        dl = torch.where(clipped, 0.0, pg1)  # d(-A ratio)/dlogp = -A ratio
-        if dual_clip is not None:
-            pg3 = -adv * dual_clip
-            capped = (adv < 0) & (pg3 < loss)
-            loss = torch.where(capped, pg3, loss)
-            dl = torch.where(capped, 0.0, dl)
-        dl = torch.where((diff >= -20.0) & (diff <= 20.0), dl, 0.0)
+        lp, old = _live(logp, rows, live), _live(old_logp, rows, live)
+        loss, dl, clipped, ratio = _policy_terms_torch(lp, old, _live(advantages, rows, live), m, live, p)
+        if is_weights is not None:
+            w = _live(is_weights, rows, live)
+            loss, dl = loss * w, dl * w
         out = partials[rows]
         if ref_logp is not None:
-            kl, dkl = _kl_and_grad_torch(lp, torch.where(live, ref_logp[rows].float(), 0.0), kind)
-            loss = loss + kl_coef * kl
-            dl = dl + kl_coef * dkl
+            kl, dkl = _kl_and_grad_torch(lp, _live(ref_logp, rows, live), p.kl_kind)
+            loss = loss + p.kl_coef * kl
+            dl = dl + p.kl_coef * dkl
             out[:, _KL] = torch.where(live, kl * m, 0.0).sum(-1)
         else:
             out[:, _KL] = 0.0
@@ -192,33 +255,28 @@ def _policy_rows_torch(logp, old_logp, advantages, mask, ref_logp, ratio_low, ra
     return dloss, partials
 
 
-def _policy_rows_native(logp, old_logp, advantages, mask, ref_logp, ratio_low, ratio_high, dual_clip, kl_coef, kind):
-    from rlhf_engine import _C  # noqa: F401  (registers torch.ops.rlhf_engine)
+def _f32(t):
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
-    def f32(t):
-        return t if t.dtype == torch.float32 else t.float()
+
+def _policy_rows_native(logp, old_logp, advantages, mask, ref_logp, is_weights, p: _PolicyParams):
+    from rlhf_engine import _C  # noqa: F401  (registers torch.ops.rlhf_engine)
 
     m = mask if mask.dtype in (torch.float32, torch.bool) else mask.float()
     return torch.ops.rlhf_engine.ppo_policy_loss_fwd(
-        f32(logp),
-        f32(old_logp),
-        f32(advantages),
-        m,
-        None if ref_logp is None else f32(ref_logp),
-        ratio_low,
-        ratio_high,
-        -1.0 if dual_clip is None else dual_clip,
-        kl_coef,
-        _KL_INDEX[kind],
+        _f32(logp), _f32(old_logp), _f32(advantages), m, _f32(ref_logp), _f32(is_weights), p.policy, p.ratio_low,
+        p.ratio_high, -1.0 if p.dual_clip is None else p.dual_clip, p.kl_coef, _KL_INDEX[p.kl_kind], p.tau_pos,
+        p.tau_neg,
     )
 
 
-def _policy_rows_triton(logp, old_logp, advantages, mask, ref_logp, ratio_low, ratio_high, dual_clip, kl_coef, kind):
+def _policy_rows_triton(logp, old_logp, advantages, mask, ref_logp, is_weights, p: _PolicyParams):
     from rlhf_engine.kernels import ppo_loss as kernels
 
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     return kernels.ppo_policy_loss_forward(
-        logp, old_logp, advantages, m, ref_logp, ratio_low, ratio_high, dual_clip, kl_coef, kind
+        logp, old_logp, advantages, m, ref_logp, is_weights, p.policy, p.ratio_low, p.ratio_high, p.dual_clip,
+        p.kl_coef, p.kl_kind, p.tau_pos, p.tau_neg,
     )
 
 
@@ -227,25 +285,13 @@ _POLICY_IMPLS = {"triton": _policy_rows_triton, "native": _policy_rows_native, "
 
 class _PPOPolicyLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, ref_logp, ratio_low, ratio_high, dual_clip, kl_coef, kind, agg):
+    def forward(ctx, logp, old_logp, advantages, mask, ref_logp, is_weights, params, agg, agg_norm):
         # all [R, T] contiguous
-        tensors = tuple(t for t in (logp, old_logp, advantages, mask, ref_logp) if t is not None)
+        tensors = tuple(t for t in (logp, old_logp, advantages, mask, ref_logp, is_weights) if t is not None)
         _, (dloss, partials) = _dispatch.run(
-            "ppo_policy_loss",
-            tensors,
-            _POLICY_IMPLS,
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            ref_logp,
-            ratio_low,
-            ratio_high,
-            dual_clip,
-            kl_coef,
-            kind,
+            "ppo_policy_loss", tensors, _POLICY_IMPLS, logp, old_logp, advantages, mask, ref_logp, is_weights, params
         )
-        weights = _row_weights(partials[:, _M], agg, logp.shape[1])
+        weights = _row_weights(partials[:, _M], agg, logp.shape[1], agg_norm)
         loss = (partials[:, _S] * weights).sum()
         ctx.save_for_backward(dloss, weights)
         ctx.logp_dtype = logp.dtype
@@ -257,7 +303,7 @@ class _PPOPolicyLossFunction(torch.autograd.Function):
         dloss, weights = ctx.saved_tensors
         # NOTE: the forward already holds mask * dL/dlogp: the backward is one scaling.
         grad_logp = (dloss * (weights * grad_loss)[:, None]).to(ctx.logp_dtype)
-        return (grad_logp,) + (None,) * 10
+        return (grad_logp,) + (None,) * 8
 
 
 def ppo_policy_loss(
@@ -266,52 +312,83 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
+    policy_loss: str = "ppo",
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: str = "k3",
-    agg: str = "token-mean",
+    rollout_is_weights: torch.Tensor | None = None,
+    agg: str | None = None,
+    agg_norm: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO surrogate (+ KL term), fused: returns ``(loss, stats)``.
+    """A policy-gradient surrogate (+ KL term), fused: returns ``(loss, stats)``.
 
-    Shapes: logp, old_logp, advantages, mask (and ref_logp) [..., T], one shape; any floating dtype (the mask may
-    be bool). ``loss`` is a 0-dim fp32 tensor.
+    Shapes: logp, old_logp, advantages, mask (and ref_logp, rollout_is_weights) [..., T], one shape; any floating
+    dtype (the mask may be bool). ``loss`` is a 0-dim fp32 tensor. Only ``logp`` receives a gradient: old_logp,
+    advantages, ref_logp and rollout_is_weights are constants of the objective; sg[.] below stops a gradient.
 
-    Per token: ratio = exp(logp - old_logp) (log-ratio clamped to [-20, 20]);
-    L = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)); with ``dual_clip=c`` tokens with A < 0 are
-    capped at -A c; plus ``kl_coef * kl_penalty(logp, ref_logp, kl_kind)`` when ``ref_logp`` is given. Then
-    aggregated by ``agg`` (see the module docstring). Only ``logp`` receives a gradient: old_logp, advantages
-    and ref_logp are constants of the objective.
+    Per token, with r = exp(logp - old_logp) (log-ratio clamped to [-20, 20]), lo = 1 - clip_low and
+    hi = 1 + clip_high, the policy term P of ``policy_loss``:
+        ppo   P = max(-A r, -A clamp(r, lo, hi)); with ``dual_clip=c``, tokens with A < 0 are capped at -A c
+        gspo  (arXiv 2507.18071) the sequence ratio s = exp(min(10, sum_t m (logp - old_logp) / sum_t m)) of the
+              row enters each token as s_t = sg[s] exp(logp - sg[logp]): P = max(-A s_t, -A clamp(s_t, lo, hi))
+              (the advantages are per sequence, constant along a row)
+        cispo (arXiv 2506.13585) P = -sg[clamp(r, lo, hi)] A logp
+        sapo  (arXiv 2511.20347) P = -A f(r), f(r) = sigmoid(tau (r - 1)) 4 / tau, tau = sapo_tau_pos where
+              A > 0, else sapo_tau_neg
+    L = w P + kl_coef * kl_penalty(logp, ref_logp, kl_kind), w = rollout_is_weights (1 without), then aggregated
+    by ``agg`` (the module docstring); default: seq-mean-token-mean for gspo and sapo (as their papers and verl),
+    token-mean for ppo and cispo. ``agg_norm`` replaces T in seq-mean-token-sum-norm (Dr. GRPO divides by a fixed
+    maximum completion length, not the batch's padded width).
 
-    ``stats`` (0-dim fp32 tensors, no device sync): clipfrac, approx_kl = mean(old_logp - logp), ratio_mean,
-    ratio_max, and kl_mean when ``ref_logp`` is given; all masked means over tokens.
+    ``stats`` (0-dim fp32 tensors, no device sync; masked means over tokens): approx_kl = mean(old_logp - logp),
+    ratio_mean, ratio_max (of s for gspo, of r otherwise), clipfrac (share of tokens whose term is clipped: ppo,
+    gspo; whose weight is clamped: cispo; sapo has no clip) and kl_mean when ``ref_logp`` is given.
     """
     op = "ppo_policy_loss"
-    check_same_shape(op, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
+    check_same_shape(op, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
+                     rollout_is_weights=rollout_is_weights)
+    check_choice(op, "policy_loss", policy_loss, POLICY_LOSSES)
     clip_low = check_number(op, "clip_low", clip_low, low=0.0)
     clip_high = clip_low if clip_high is None else check_number(op, "clip_high", clip_high, low=0.0)
     if dual_clip is not None:
+        if policy_loss != "ppo":
+            raise ValueError(f"{op}: dual_clip applies to policy_loss='ppo' only, found policy_loss={policy_loss!r}")
         dual_clip = check_number(op, "dual_clip", dual_clip, low=1.0)
     kl_coef = check_number(op, "kl_coef", kl_coef)
     check_choice(op, "kl_kind", kl_kind, KL_KINDS)
+    if agg is None:
+        agg = "seq-mean-token-mean" if policy_loss in ("gspo", "sapo") else "token-mean"
     check_choice(op, "agg", agg, AGG_MODES)
+    if agg_norm is not None:
+        if agg != "seq-mean-token-sum-norm":
+            raise ValueError(f"{op}: agg_norm applies to agg='seq-mean-token-sum-norm' only, found agg={agg!r}")
+        agg_norm = check_number(op, "agg_norm", agg_norm, low=0.0)
+    tau_pos = check_number(op, "sapo_tau_pos", sapo_tau_pos, low=0.0)
+    tau_neg = check_number(op, "sapo_tau_neg", sapo_tau_neg, low=0.0)
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logp (the reference model's log-probs)")
-    rows = [rows_2d(t) if t is not None else None for t in (logp, old_logp, advantages, mask, ref_logp)]
-    loss, partials = _PPOPolicyLossFunction.apply(
-        *rows, 1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef, kl_kind, agg
-    )
+    if rollout_is_weights is not None and not rollout_is_weights.dtype.is_floating_point:
+        raise ValueError(f"{op}: rollout_is_weights must be a floating tensor, found {rollout_is_weights.dtype}")
+    params = _PolicyParams(POLICY_LOSSES.index(policy_loss), 1.0 - clip_low, 1.0 + clip_high, dual_clip, kl_coef,
+                           kl_kind, tau_pos, tau_neg)
+    rows = [rows_2d(t) if t is not None else None
+            for t in (logp, old_logp, advantages, mask, ref_logp, rollout_is_weights)]
+    loss, partials = _PPOPolicyLossFunction.apply(*rows, params, agg, agg_norm)
     total = partials[:, _M].sum()
     inv_total = torch.where(total != 0, 1.0 / torch.where(total != 0, total, 1.0), 0.0)
     ratio_max = partials[:, _RMAX].amax() if partials.shape[0] else torch.tensor(-math.inf, device=logp.device)
     stats = {
-        "clipfrac": partials[:, _CLIP].sum() * inv_total,
         "approx_kl": partials[:, _AKL].sum() * inv_total,
         "ratio_mean": partials[:, _RSUM].sum() * inv_total,
         "ratio_max": torch.where(torch.isfinite(ratio_max), ratio_max, 0.0),
     }
+    if policy_loss != "sapo":
+        stats["clipfrac"] = partials[:, _CLIP].sum() * inv_total
     if ref_logp is not None:
         stats["kl_mean"] = partials[:, _KL].sum() * inv_total
     return loss, stats
