@@ -21,11 +21,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(forward, leaves, device: str, repeat: int, grad_out=None) -> dict:
+def measure(forward, leaves, device: str, repeat: int, grad_out=None, warmup=None) -> dict:
     """Times ``forward()`` and forward+backward (``out.backward(grad_out)``): medians over ``repeat`` runs.
 
     Peak memory is that of one forward+backward over what already exists (the inputs): on CUDA the allocator's
     peak, on CPU the growth of the process's peak RSS (valid because this process does nothing else).
+    ``warmup()``, when given, runs first: the same call on tiny inputs, so that the libraries and extensions it
+    loads on first use are resident before the RSS is read, not counted as the op's memory (tiny, so that the
+    allocator's heap and mmap threshold stay as they were).
     """
     import torch
 
@@ -41,6 +44,8 @@ def measure(forward, leaves, device: str, repeat: int, grad_out=None) -> dict:
         out.backward(grad_out)
         sync()
 
+    if warmup is not None:
+        warmup()
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -34,9 +34,6 @@
 #include "cache_ops.h"
 #include "simd.h"
 
-// Every vector helper is always_inline (and takes vectors by reference): no 32-byte vector crosses a call, so the
-// ABI warning GCC gives for returning one on a baseline (non-AVX) target does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace rlhf_engine {
 
@@ -75,8 +72,6 @@ void check_paged_attention_args(const at::Tensor& query, const at::Tensor& key_c
 namespace {
 
 // ---- 8-float vectors ---------------------------------------------------------------------------------------
-
-#define RLHF_INLINE __attribute__((always_inline)) inline
 
 constexpr int64_t W = 8;
 typedef float vf __attribute__((vector_size(32)));
@@ -332,14 +327,6 @@ __attribute__((target("avx2,fma,f16c"))) void attend_tasks_avx2(const Problem& p
   for (int64_t task = begin; task < end; ++task) attend<T>(p, task / p.kv_heads, task % p.kv_heads, scratch);
 }
 
-bool use_avx2() {
-  static const bool yes = [] {
-    const std::string capability = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-}
 #endif
 
 // Reads context_lens and the block ids they reach, so the kernel never indexes outside the cache.
@@ -400,7 +387,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_ca
       std::vector<float> scratch(scratch_floats(p));
       for (int64_t i = begin; i < end; ++i) {
 #if defined(__x86_64__)
-        if (use_avx2()) {
+        if (simd::use_avx2()) {
           attend_tasks_avx2<T>(p, bounds[i], bounds[i + 1], scratch.data());
           continue;
         }

@@ -24,51 +24,59 @@ namespace {
 constexpr int64_t kNumPartials = 7;  // S, M, clipped, approx_kl, ratio_sum, ratio_max, kl_sum
 enum KlKind : int { kNoRef = -1, kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
 
-// NOTE: explicit SIMD through GCC/Clang vector extensions (4 floats = one SSE2 register, the x86-64 baseline):
-// with the default -ftrapping-math the compiler will not if-convert the many selects of this loop, so an
-// auto-vectorised version never materialises; written this way the loop body is branch-free by construction.
-constexpr int64_t W = 4;
-typedef float vf __attribute__((vector_size(16)));
-typedef int32_t vi __attribute__((vector_size(16)));
+// NOTE: explicit SIMD through GCC/Clang vector extensions, 8 floats wide: with the default -ftrapping-math the
+// compiler will not if-convert the many selects of this loop, so an auto-vectorised version never materialises;
+// written this way the loop body is branch-free by construction. As in attention.cpp, the build targets the x86-64
+// baseline (an 8-float vector is a pair of SSE registers) and the row loop is compiled a second time under
+// target("avx2,fma") (one YMM register), which runs when the CPU and torch's capability allow (simd::use_avx2;
+// ATEN_CPU_CAPABILITY=default forces the baseline copy, which is how a test reaches it). Every helper is
+// always_inline so that each copy is compiled for its own target.
 
-inline vf splat(float x) { return vf{x, x, x, x}; }
-inline vf select(vi cond, vf a, vf b) { return cond ? a : b; }
-inline vf vclamp(vf x, float lo, float hi) {
+constexpr int64_t W = 8;
+typedef float vf __attribute__((vector_size(32)));
+typedef float vf_u __attribute__((vector_size(32), aligned(4), may_alias));  // a vf at any float address
+typedef int32_t vi __attribute__((vector_size(32)));
+
+RLHF_INLINE vf splat(float x) { return vf{} + x; }
+RLHF_INLINE vf select(vi cond, vf a, vf b) { return cond ? a : b; }
+RLHF_INLINE vf vclamp(vf x, float lo, float hi) {
   x = x < lo ? splat(lo) : x;
   return x > hi ? splat(hi) : x;
 }
 
-// exp(x) for x in [-20, 20] (every caller clamps first).
-inline vf vexp(vf x) { return simd::exp_cephes<vf, vi, 64>(x); }
+// exp(x) for x in [-20, 20] (every caller clamps first), and for x in [-87, 0].
+RLHF_INLINE vf vexp(vf x) { return simd::exp_cephes<vf, vi, 64>(x); }
+RLHF_INLINE vf vexp_neg(vf x) { return simd::exp_cephes<vf, vi, 128>(x); }
 
 // Loads n <= W elements as floats, zero beyond n.
 template <typename T>
-inline vf load(const T* src, int64_t n) {
-  vf v = splat(0.f);
+RLHF_INLINE vf load(const T* src, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (n == W) {
-      std::memcpy(&v, src, sizeof(v));
-      return v;
-    }
+    if (n == W) return *reinterpret_cast<const vf_u*>(src);
   }
+  vf v = splat(0.f);
   for (int64_t k = 0; k < n; ++k) v[k] = static_cast<float>(src[k]);
   return v;
 }
 
-inline void store(float* dst, vf v, int64_t n) {
+RLHF_INLINE void store(float* dst, vf v, int64_t n) {
   if (n == W) {
-    std::memcpy(dst, &v, sizeof(v));
+    *reinterpret_cast<vf_u*>(dst) = v;
   } else {
     for (int64_t k = 0; k < n; ++k) dst[k] = v[k];
   }
 }
 
-inline float hsum(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-inline float hmax(vf v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
+RLHF_INLINE float hsum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+RLHF_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int k = 1; k < W; ++k) m = std::max(m, v[k]);
+  return m;
+}
 
 // KL estimate and its derivative w.r.t. logp (ARCHITECTURE.md); KIND is a compile-time constant.
 template <int KIND>
-inline void kl_and_grad(vf logp, vf ref, vf& kl, vf& dkl) {
+RLHF_INLINE void kl_and_grad(vf logp, vf ref, vf& kl, vf& dkl) {
   const vf diff = logp - ref;
   if constexpr (KIND == kK1) {
     kl = diff;
@@ -97,13 +105,10 @@ struct PolicyParams {
   bool dual;  // dual_clip > 0 (ppo only)
 };
 
-// exp(x) for x in [-87, 0].
-inline vf vexp_neg(vf x) { return simd::exp_cephes<vf, vi, 128>(x); }
-
 // The policy term P, its derivative w.r.t. logp, the clipped flag and the ratio of one vector of tokens
 // (kernels/ppo_loss.py: _policy_term). seq_ratio / seq_live: GSPO's row ratio and whether its log is below 10.
 template <int POLICY>
-inline void policy_term(vf lp, vf old, vf a, float seq_ratio, bool seq_live, const PolicyParams& p, vf& term,
+RLHF_INLINE void policy_term(vf lp, vf old, vf a, float seq_ratio, bool seq_live, const PolicyParams& p, vf& term,
                         vf& dterm, vi& clipped, vf& ratio) {
   const vf zero = splat(0.f);
   const vf diff = lp - old;
@@ -115,13 +120,13 @@ inline void policy_term(vf lp, vf old, vf a, float seq_ratio, bool seq_live, con
   }
   if constexpr (POLICY == kSAPO) {
     // sigmoid(x) and its derivative e / (1 + e)^2 from e = exp(-|x|): no overflow, the tails kept
-    const vf tau = select(a > 0.f, splat(p.tau_pos), splat(p.tau_neg));
-    const vf x = tau * (ratio - 1.f);
+    const vi positive = a > 0.f;
+    const vf x = select(positive, splat(p.tau_pos), splat(p.tau_neg)) * (ratio - 1.f);
     const vf ax = select(x < 0.f, -x, x);
     const vf e = vexp_neg(-select(ax > 87.f, splat(87.f), ax));
     const vf inv = 1.f / (1.f + e);
     const vf gate = select(x >= 0.f, inv, e * inv);
-    term = -a * gate * (4.f / tau);
+    term = -a * gate * select(positive, splat(4.f / p.tau_pos), splat(4.f / p.tau_neg));
     dterm = select(in_range, -a * 4.f * e * inv * inv * ratio, zero);
     clipped = zero != zero;
   } else {
@@ -149,16 +154,29 @@ inline void policy_term(vf lp, vf old, vf a, float seq_ratio, bool seq_live, con
   }
 }
 
+// One call's tensors, [R, T] row-major.
+template <typename mask_t>
+struct PolicyArgs {
+  const float* logp;      // [R, T]
+  const float* old_logp;  // [R, T]
+  const float* adv;       // [R, T]
+  const mask_t* mask;     // [R, T]
+  const float* ref;       // [R, T] or nullptr (KIND == kNoRef)
+  const float* weights;   // [R, T] rollout IS weights, or nullptr (1)
+  float* dloss;           // [R, T] out: mask * dL/dlogp
+  float* partials;        // [R, kNumPartials] out
+  int64_t T;
+  PolicyParams p;
+};
+
 template <typename mask_t, int KIND, int POLICY>
-void policy_rows(const float* logp,      // [R, T]
-                 const float* old_logp,  // [R, T]
-                 const float* adv,       // [R, T]
-                 const mask_t* mask,     // [R, T]
-                 const float* ref,       // [R, T] or nullptr (KIND == kNoRef)
-                 const float* weights,   // [R, T] rollout IS weights, or nullptr (1)
-                 float* dloss,           // [R, T] out: mask * dL/dlogp
-                 float* partials,        // [R, kNumPartials] out
-                 int64_t T, int64_t row_begin, int64_t row_end, const PolicyParams& p) {
+RLHF_INLINE void policy_rows(const PolicyArgs<mask_t>& args, int64_t row_begin, int64_t row_end) {
+  const float *logp = args.logp, *old_logp = args.old_logp, *adv = args.adv, *ref = args.ref;
+  const float* weights = args.weights;
+  const mask_t* mask = args.mask;
+  float *dloss = args.dloss, *partials = args.partials;
+  const int64_t T = args.T;
+  const PolicyParams& p = args.p;
   const vf zero = splat(0.f), neg_inf = splat(-std::numeric_limits<float>::infinity());
   for (int64_t r = row_begin; r < row_end; ++r) {
     float seq_ratio = 0.f;
@@ -219,44 +237,61 @@ void policy_rows(const float* logp,      // [R, T]
   }
 }
 
+// The row loop once per target (see the NOTE at the top).
+template <typename mask_t, int KIND, int POLICY>
+void policy_rows_baseline(const PolicyArgs<mask_t>& args, int64_t begin, int64_t end) {
+  policy_rows<mask_t, KIND, POLICY>(args, begin, end);
+}
+
+#if defined(__x86_64__)
+template <typename mask_t, int KIND, int POLICY>
+__attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyArgs<mask_t>& args, int64_t begin,
+                                                          int64_t end) {
+  policy_rows<mask_t, KIND, POLICY>(args, begin, end);
+}
+#endif
+
+template <typename mask_t, int KIND, int POLICY>
+void run_rows(const PolicyArgs<mask_t>& args, int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+  if (simd::use_avx2()) return policy_rows_avx2<mask_t, KIND, POLICY>(args, begin, end);
+#endif
+  policy_rows_baseline<mask_t, KIND, POLICY>(args, begin, end);
+}
+
 // Picks the instantiation for the runtime (mask dtype, kl kind, policy kind) once per call.
 template <typename mask_t, int KIND>
-void policy_rows_for_kind(int policy, const float* logp, const float* old, const float* adv, const mask_t* mask,
-                          const float* ref, const float* weights, float* dloss, float* partials, int64_t T,
-                          int64_t begin, int64_t end, const PolicyParams& p) {
+void run_policy(int policy, const PolicyArgs<mask_t>& args, int64_t begin, int64_t end) {
   switch (policy) {
     case kPPO:
-      return policy_rows<mask_t, KIND, kPPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end, p);
+      return run_rows<mask_t, KIND, kPPO>(args, begin, end);
     case kGSPO:
-      return policy_rows<mask_t, KIND, kGSPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end, p);
+      return run_rows<mask_t, KIND, kGSPO>(args, begin, end);
     case kCISPO:
-      return policy_rows<mask_t, KIND, kCISPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end,
-                                               p);
+      return run_rows<mask_t, KIND, kCISPO>(args, begin, end);
     case kSAPO:
-      return policy_rows<mask_t, KIND, kSAPO>(logp, old, adv, mask, ref, weights, dloss, partials, T, begin, end, p);
+      return run_rows<mask_t, KIND, kSAPO>(args, begin, end);
     default:
       TORCH_CHECK(false, "ppo_policy_loss_fwd: unknown policy kind ", policy);
   }
 }
 
 template <typename mask_t>
-void policy_rows_dispatch(int kind, int policy, const float* logp, const float* old, const float* adv,
-                          const mask_t* mask, const float* ref, const float* weights, float* dloss, float* partials,
-                          int64_t T, int64_t begin, int64_t end, const PolicyParams& p) {
-#define RLHF_POLICY_CASE(K)                                                                                   \
-  case K:                                                                                                     \
-    return policy_rows_for_kind<mask_t, K>(policy, logp, old, adv, mask, ref, weights, dloss, partials, T, begin, \
-                                           end, p);
+void run_kind(int kind, int policy, const PolicyArgs<mask_t>& args, int64_t begin, int64_t end) {
   switch (kind) {
-    RLHF_POLICY_CASE(kNoRef)
-    RLHF_POLICY_CASE(kK1)
-    RLHF_POLICY_CASE(kAbs)
-    RLHF_POLICY_CASE(kK2)
-    RLHF_POLICY_CASE(kK3)
+    case kNoRef:
+      return run_policy<mask_t, kNoRef>(policy, args, begin, end);
+    case kK1:
+      return run_policy<mask_t, kK1>(policy, args, begin, end);
+    case kAbs:
+      return run_policy<mask_t, kAbs>(policy, args, begin, end);
+    case kK2:
+      return run_policy<mask_t, kK2>(policy, args, begin, end);
+    case kK3:
+      return run_policy<mask_t, kK3>(policy, args, begin, end);
     default:
       TORCH_CHECK(false, "ppo_policy_loss_fwd: unknown kl kind ", kind);
   }
-#undef RLHF_POLICY_CASE
 }
 
 void check_rows(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& like, bool float_only) {
@@ -311,9 +346,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(const at::Tensor& log
   float *dl = dloss.data_ptr<float>(), *part = partials.data_ptr<float>();
   at::parallel_for(0, R, grain_rows(T), [&](int64_t begin, int64_t end) {
     if (mask.scalar_type() == at::kBool) {
-      policy_rows_dispatch(kind, pol, lp, old, adv, mask.data_ptr<bool>(), ref, w, dl, part, T, begin, end, p);
+      run_kind(kind, pol, PolicyArgs<bool>{lp, old, adv, mask.data_ptr<bool>(), ref, w, dl, part, T, p}, begin, end);
     } else {
-      policy_rows_dispatch(kind, pol, lp, old, adv, mask.data_ptr<float>(), ref, w, dl, part, T, begin, end, p);
+      run_kind(kind, pol, PolicyArgs<float>{lp, old, adv, mask.data_ptr<float>(), ref, w, dl, part, T, p}, begin,
+               end);
     }
   });
   return {dloss, partials};

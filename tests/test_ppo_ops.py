@@ -3,6 +3,9 @@ TRITON_INTERPRET=1, the native C++ CPU kernels, the PyTorch twin)."""
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,6 +258,29 @@ def test_more_rows_than_programs(monkeypatch, policy):
     logp, old, adv, ref = make_batch(b=11, t=13)
     check_policy_loss(logp, old, adv, ragged_mask(11, 13), policy=policy, clip_low=0.2, clip_high=0.2,
                       dual_clip=None, ref=ref, kl_coef=0.1, kind="k1", agg="seq-mean-token-sum")
+
+
+def test_native_baseline_simd_copy_matches():
+    """The native row loop is compiled twice (x86-64 baseline and AVX2+FMA, picked at run time);
+    ATEN_CPU_CAPABILITY=default forces the baseline copy, which must agree with the float64 formulas as well."""
+    script = """
+import itertools, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+os.environ["RLHF_ENGINE_BACKEND"] = "native"
+from test_ppo_ops import POLICIES, KINDS, check_policy_loss, make_batch, ragged_mask
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
+torch.manual_seed(0)
+logp, old, adv, ref = make_batch(b=5, t=45)
+mask = ragged_mask(5, 45)
+for policy, kind in itertools.product(POLICIES, KINDS):
+    check_policy_loss(logp, old, adv, mask, policy=policy, clip_low=0.2, clip_high=0.28, dual_clip=None, ref=ref,
+                      kl_coef=0.1, kind=kind, agg="seq-mean-token-sum", is_weights=torch.rand(5, 45))
+print("ok")
+"""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", script, tests_dir], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_sapo_gate_far_from_one(ppo_backend):
