@@ -7,6 +7,7 @@
     rlhf-engine grpo --config grpo.yaml [--key value ...]     GRPO (group advantages, no critic)
     rlhf-engine rloo --config rloo.yaml [--key value ...]     RLOO (leave-one-out baseline, no critic)
     rlhf-engine demo [--task story|arithmetic] [--out DIR] [--steps N] [--phase ...] [--algo ppo|grpo|rloo]
+                     [--policy-loss ppo|gspo|cispo|sapo]
 
 A flag overrides the YAML key of the same name (dashes or underscores); `rlhf-engine <phase> --help` lists every
 key with its default and meaning; `--resume true` continues from the last complete checkpoint in output_dir.
@@ -27,6 +28,8 @@ PHASES = {
     "grpo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "GRPO: group-relative advantages, no critic"),
     "rloo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "RLOO: leave-one-out baseline, no critic"),
 }
+# rlhf_engine.ops.POLICY_LOSSES, spelled out so that `--help` imports no torch (a test keeps the two equal)
+POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo")
 
 
 def _config_class(phase: str):
@@ -109,7 +112,7 @@ def _demo(args) -> int:
                              "belong to the story task; use --sft-steps and --ppo-iterations")
         out = args.out or "runs/arithmetic"
         summary = run_arithmetic(out, sft_steps=args.sft_steps or 800, rl_iterations=args.ppo_iterations or 150,
-                                 seed=args.seed, progress=not args.no_progress)
+                                 seed=args.seed, progress=not args.no_progress, policy_loss=args.policy_loss)
         print_arithmetic_summary(summary, out)
         return 0
     args.out = args.out or "runs/demo"
@@ -122,7 +125,7 @@ def _demo(args) -> int:
                              "with every phase use --sft-steps, --rm-steps and --ppo-iterations")
         steps[{"sft": "sft_steps", "rm": "rm_steps", "ppo": "ppo_iterations"}[args.phase]] = args.steps
     summary = run_demo(args.out, **steps, preference_prompts=args.preference_prompts, seed=args.seed, algo=args.algo,
-                       phase=args.phase, progress=not args.no_progress)
+                       phase=args.phase, progress=not args.no_progress, policy_loss=args.policy_loss)
     print_summary(summary, args.out)
     return 0
 
@@ -150,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="steps (iterations for ppo) of the --phase chosen")
     demo.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default="ppo",
                       help="RL algorithm of the last phase: ppo (critic) or the critic-free grpo / rloo")
+    demo.add_argument("--policy-loss", choices=POLICY_LOSSES, default="ppo",
+                      help="policy loss of the RL phase: ppo (clipped ratio), gspo (sequence ratio), cispo (clipped "
+                           "IS weight), sapo (soft gate)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

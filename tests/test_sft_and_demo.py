@@ -88,6 +88,23 @@ def test_demo_improves_the_gold_score(demo_run):
     assert reloaded.config.vocab_size == len(load_tokenizer(os.path.join(out, "tokenizer")))
 
 
+@pytest.mark.parametrize("policy_loss", ["gspo", "cispo", "sapo"])
+def test_demo_runs_each_policy_loss(demo_run, policy_loss):
+    out, _ = demo_run
+    args = ["demo", "--out", out, "--phase", "ppo", "--algo", "grpo", "--policy-loss", policy_loss, "--steps", "2",
+            "--no-progress"]
+    assert main(args) == 0
+    with open(os.path.join(out, "grpo_metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2 and ("clipfrac" in rows[-1]) == (policy_loss != "sapo")
+
+
+def test_cli_policy_losses_are_the_ops():
+    from rlhf_engine import cli, ops
+
+    assert cli.POLICY_LOSSES == ops.POLICY_LOSSES
+
+
 def test_demo_phase_flags_reuse_earlier_outputs(demo_run, tmp_path, capsys):
     out, _ = demo_run
     assert main(["demo", "--out", out, "--phase", "ppo", "--algo", "grpo", "--steps", "2", "--no-progress"]) == 0

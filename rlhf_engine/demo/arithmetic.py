@@ -62,8 +62,9 @@ def _accuracy(model, tokenizer, held_out: list[tuple[int, int]], seed: int) -> t
 
 
 def run_arithmetic(out_dir: str = "runs/arithmetic", *, sft_steps: int = 800, rl_iterations: int = 150,
-                   seed: int = 0, progress: bool = True) -> dict:
-    """SFT from scratch, then GRPO against the verifier; returns the summary (also ``out_dir/summary.json``)."""
+                   seed: int = 0, progress: bool = True, policy_loss: str = "ppo") -> dict:
+    """SFT from scratch, then GRPO (with ``policy_loss``) against the verifier; returns the summary (also
+    ``out_dir/summary.json``)."""
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -97,7 +98,7 @@ def run_arithmetic(out_dir: str = "runs/arithmetic", *, sft_steps: int = 800, rl
     write_jsonl(os.path.join(out_dir, "prompts.jsonl"), prompts)
     config = PPOConfig(algorithm="grpo", iterations=rl_iterations, prompts_per_iteration=8, n_samples=8,
                        max_new_tokens=MAX_NEW_TOKENS, lr=1e-4, minibatch_size=64, kl_in_reward=False, kl_coef=0.0,
-                       seed=seed)
+                       seed=seed, policy_loss=policy_loss)
     rl_history = PPOTrainer(policy, tokenizer, config, reward_fn=math_answer).train(prompts, progress=progress)
     seconds["grpo"] = round(time.perf_counter() - t0, 1)
     accuracy_after, samples_after = _accuracy(policy, tokenizer, held_out, seed)

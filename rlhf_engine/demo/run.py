@@ -90,15 +90,15 @@ DEMO_PHASES = ("all", "sft", "rm", "ppo")
 ALGOS = ("ppo", "grpo", "rloo")
 
 
-def _ppo_config(algo: str, iterations: int, seed: int) -> PPOConfig:
+def _ppo_config(algo: str, iterations: int, seed: int, policy_loss: str = "ppo") -> PPOConfig:
     """16 samples an iteration either way: 16 prompts x 1 (PPO, critic) or 4 prompts x 4 (GRPO/RLOO, no critic)."""
     if algo == "ppo":
         return PPOConfig(algorithm="ppo", iterations=iterations, prompts_per_iteration=16, n_samples=1,
                          max_new_tokens=MAX_NEW_TOKENS, lr=3e-5, critic_lr=3e-4, minibatch_size=8,
-                         kl_reward_coef=0.05, seed=seed)
+                         kl_reward_coef=0.05, seed=seed, policy_loss=policy_loss)
     return PPOConfig(algorithm=algo, iterations=iterations, prompts_per_iteration=4, n_samples=4,
                      max_new_tokens=MAX_NEW_TOKENS, lr=3e-5, minibatch_size=8, kl_in_reward=False, kl_coef=0.02,
-                     seed=seed)
+                     seed=seed, policy_loss=policy_loss)
 
 
 def _need(path: str, what: str, phase: str) -> str:
@@ -115,7 +115,7 @@ def _save(model, tokenizer, path: str) -> None:
 
 def run_demo(out_dir: str = "runs/demo", *, sft_steps: int = 300, rm_steps: int = 300, ppo_iterations: int = 40,
              preference_prompts: int = 2000, seed: int = 0, algo: str = "ppo", phase: str = "all",
-             progress: bool = True) -> dict:
+             progress: bool = True, policy_loss: str = "ppo") -> dict:
     """Runs ``phase`` (``all``: SFT -> preferences -> reward model -> ``algo``); a later phase alone reuses the
     earlier phases' outputs in ``out_dir``. Returns the summary (also written to ``out_dir/summary.json``)."""
     if phase not in DEMO_PHASES:
@@ -178,7 +178,7 @@ def run_demo(out_dir: str = "runs/demo", *, sft_steps: int = 300, rm_steps: int 
         rm = ScalarHeadModel.from_pretrained(_need(os.path.join(out_dir, "reward_model"), "the reward model", phase))
         before = _evaluate_policy(policy, rm, tokenizer, held_out, seed + 5)
         samples_before = [r[0] for r in _generate(policy, tokenizer, sample_prompts, n=1, temperature=0.0, seed=0)]
-        trainer = PPOTrainer(policy, tokenizer, _ppo_config(algo, ppo_iterations, seed), reward_model=rm)
+        trainer = PPOTrainer(policy, tokenizer, _ppo_config(algo, ppo_iterations, seed, policy_loss), reward_model=rm)
 
         def track_gold(metrics):
             last = trainer.last_rollout

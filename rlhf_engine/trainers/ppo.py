@@ -29,6 +29,8 @@ from rlhf_engine.distributed import DistInfo, SavesState, full_state, gathered, 
 from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel, position_ids_for
 from rlhf_engine.models.loading import max_positions
 from rlhf_engine.ops import (
+    AGG_MODES,
+    POLICY_LOSSES,
     gae,
     group_advantages,
     kl_penalty,
@@ -41,6 +43,7 @@ from rlhf_engine.precision import LossScaler, RolloutWeights, autocast, frozen_c
 from rlhf_engine.rewards.scoring import RewardScorer
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
 from rlhf_engine.trainers.common import RunConfig, open_metrics, option
+from rlhf_engine.trainers.experience import ROLLOUT_CORRECTIONS, overlong_penalty, rollout_correction
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
@@ -81,8 +84,26 @@ class PPOConfig(RunConfig):
     clip_high: float | None = option(None, "ratio clip above: 1 + clip_high (default: clip_low; DAPO's clip-higher)")
     dual_clip: float | None = option(None, "dual-clip bound c > 1 for negative advantages (None: off)")
     vf_clip: float | None = option(0.2, "value clipping around the rollout's values (None: off)")
-    agg: str = option("token-mean", "loss aggregation: token-mean | seq-mean-token-sum | seq-mean-token-mean | "
-                                    "seq-mean-token-sum-norm")
+    policy_loss: str = option("ppo", "policy loss: ppo (clipped ratio) | gspo (sequence ratio) | cispo (clipped IS "
+                                     "weight on logp) | sapo (soft gate); see rlhf_engine.ops.ppo_policy_loss")
+    agg: str | None = option(None, "loss aggregation: token-mean | token-sum | seq-mean-token-sum | "
+                                   "seq-mean-token-mean | seq-mean-token-sum-norm (default: seq-mean-token-mean for "
+                                   "gspo and sapo, token-mean otherwise)")
+    agg_norm: float | None = option(None, "seq-mean-token-sum-norm: divide by this fixed length instead of the "
+                                          "batch's padded width (Dr. GRPO: max_new_tokens)")
+    sapo_tau_pos: float = option(1.0, "sapo: gate temperature for tokens with a positive advantage")
+    sapo_tau_neg: float = option(1.05, "sapo: gate temperature for tokens with a non-positive advantage")
+    rollout_correction: str = option("none", "importance correction for the rollout engine's sampling policy "
+                                             "against the trained one: none | tis | mis (token truncate / mask) | "
+                                             "seq-tis | seq-mis (per sequence, geometric mean of the token ratios)")
+    rollout_correction_cap: float = option(2.0, "upper bound of the correction weight (tis: truncated to it; mis: "
+                                                "tokens or sequences above it are masked)")
+    rollout_correction_low: float | None = option(None, "mis / seq-mis: ratios below this are masked too (default: "
+                                                        "1 / rollout_correction_cap)")
+    overlong_buffer: int = option(0, "DAPO's soft overlong punishment: responses longer than max_new_tokens - "
+                                     "overlong_buffer lose up to overlong_penalty, linearly (0: off)")
+    overlong_penalty: float = option(1.0, "the largest overlong punishment, at max_new_tokens")
+    mask_truncated: bool = option(False, "drop completions cut at max_new_tokens (no stop token) from the loss")
     gamma: float = option(1.0, "GAE discount")
     lam: float = option(0.95, "GAE lambda")
     whiten_advantages: bool = option(True, "normalise advantages over the batch's response tokens")
@@ -94,7 +115,6 @@ class PPOConfig(RunConfig):
     kl_coef: float = option(0.0, "coefficient of the KL as a loss term (GRPO's usual choice)")
     kl_kind: str = option("k3", "estimator of the KL loss term: k1 | k2 | k3 | abs")
     entropy_coef: float = option(0.0, "entropy bonus coefficient")
-    tis_cap: float | None = option(None, "truncated importance sampling against the rollout's log-probs (None: off)")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
     skip_nonfinite: bool = option(False, "skip a minibatch whose loss or gradient is not finite (and an iteration "
                                          "whose rewards are not), counted in `skipped`; false: stop, naming them")
@@ -119,10 +139,38 @@ class PPOConfig(RunConfig):
                 raise ValueError(f"PPOConfig.{name} must be a positive int, found {value!r}")
         if self.temperature <= 0:
             raise ValueError(f"PPOConfig.temperature must be > 0 (greedy has no gradient), found {self.temperature}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"PPOConfig.tis_cap must be > 0, found {self.tis_cap}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"PPOConfig.policy_loss must be one of {list(POLICY_LOSSES)}, found {self.policy_loss!r}")
+        if self.agg is None:
+            self.agg = "seq-mean-token-mean" if self.policy_loss in ("gspo", "sapo") else "token-mean"
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"PPOConfig.agg must be one of {list(AGG_MODES)}, found {self.agg!r}")
+        if self.agg_norm is not None and (self.agg != "seq-mean-token-sum-norm" or self.agg_norm <= 0):
+            raise ValueError(f"PPOConfig.agg_norm must be > 0 and needs agg: seq-mean-token-sum-norm, found "
+                             f"agg_norm={self.agg_norm}, agg={self.agg}")
+        if self.dual_clip is not None and self.policy_loss != "ppo":
+            raise ValueError(f"PPOConfig.dual_clip applies to policy_loss: ppo only, found {self.policy_loss}")
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "rollout_correction_cap"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, found {getattr(self, name)}")
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(f"PPOConfig.rollout_correction must be one of {list(ROLLOUT_CORRECTIONS)}, found "
+                             f"{self.rollout_correction!r}")
+        if self.rollout_correction_low is not None and not (
+                0 < self.rollout_correction_low < self.rollout_correction_cap):
+            raise ValueError(f"PPOConfig.rollout_correction_low must lie in (0, rollout_correction_cap = "
+                             f"{self.rollout_correction_cap}), found {self.rollout_correction_low}")
+        if isinstance(self.overlong_buffer, bool) or not isinstance(self.overlong_buffer, int) or not (
+                0 <= self.overlong_buffer < self.max_new_tokens):
+            raise ValueError(f"PPOConfig.overlong_buffer must be an int in [0, max_new_tokens = "
+                             f"{self.max_new_tokens}), found {self.overlong_buffer!r}")
+        if self.overlong_penalty < 0:
+            raise ValueError(f"PPOConfig.overlong_penalty must be >= 0, found {self.overlong_penalty}")
         if self.reward_model and self.reward_fn:
             raise ValueError("PPOConfig: set one of reward_model or reward_fn, not both")
+
+    RENAMED_KEYS = {**RunConfig.RENAMED_KEYS,
+                    "tis_cap": "rollout_correction: tis with rollout_correction_cap: <the cap>"}
 
     def require(self, *names: str) -> None:
         super().require(*names)
@@ -228,10 +276,14 @@ class PPOTrainer:
         return torch.where(m != 0, (values - mean) * (var + 1e-8) ** -0.5, 0.0)
 
     def _global_scale(self, mask: torch.Tensor, agg: str) -> float:
-        """Factor turning this rank's aggregated loss into its share of the global batch's (see distributed.py):
-        local count * world / global count, with count = tokens (token-mean) or sequences (seq-mean-*)."""
-        if not self.dist.enabled:
+        """Factor turning this rank's aggregated loss into its share of the global batch's (see distributed.py;
+        the gradient reduction averages over ranks): local count * world / global count, with count = tokens
+        (token-mean) or counted sequences (seq-mean-token-sum, seq-mean-token-mean); token-sum adds up over ranks
+        (world); seq-mean-token-sum-norm divides by every rank's equal number of rows already (1)."""
+        if not self.dist.enabled or agg == "seq-mean-token-sum-norm":
             return 1.0
+        if agg == "token-sum":
+            return float(self.dist.world_size)
         local = float(mask.sum()) if agg == "token-mean" else float((mask.sum(-1) > 0).sum())
         (total,) = self.dist.all_reduce([local])
         return local * self.dist.world_size / max(total, 1.0)
@@ -293,6 +345,8 @@ class PPOTrainer:
             rollout_logp[i, len(p) - 1 : len(seq) - 1] = torch.tensor(s.logprobs)
             last[i] = len(seq) - 2
         mask = targets != -100
+        truncated = torch.tensor([s.finish_reason == "length" for _, s in rows])
+        response_lengths = torch.tensor([len(s.token_ids) for _, s in rows])
         device = next(self.policy.parameters()).device
         input_ids, attention_mask, targets = input_ids.to(device), attention_mask.to(device), targets.to(device)
         # NOTE: an on-policy update (one epoch, one minibatch) has old = detached current log-probs (ratio 1), so
@@ -314,11 +368,18 @@ class PPOTrainer:
                 raise FloatingPointError(f"iteration {self.iteration}: a reward is not finite (NaN or inf from the "
                                          f"reward model or reward_fn); fix the reward, or set skip_nonfinite: true")
             scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)  # the update is skipped anyway
+        raw_scores = scores
+        if cfg.overlong_buffer:  # DAPO: a soft punishment inside the last overlong_buffer tokens
+            scores = scores + overlong_penalty(response_lengths, cfg.max_new_tokens, cfg.overlong_buffer,
+                                               cfg.overlong_penalty).to(device)
         mask, rollout_logp, last = mask.to(device), rollout_logp.to(device), last.to(device)
+        truncated = truncated.to(device)
         sample_logp = rollout_logp if on_policy else old_logp
         kl = kl_penalty(sample_logp, ref_logp, cfg.kl_reward_kind) * mask
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask,
-                     ref_logp=ref_logp, rollout_logp=rollout_logp, prompt_len=prompt_len)
+                     ref_logp=ref_logp, rollout_logp=rollout_logp, prompt_len=prompt_len,
+                     # the policy loss's mask: mask_truncated drops completions cut at max_new_tokens
+                     loss_mask=mask & ~truncated[:, None] if cfg.mask_truncated else mask)
         if not on_policy:
             batch["old_logp"] = old_logp
         if cfg.algorithm == "ppo":
@@ -344,17 +405,20 @@ class PPOTrainer:
         # (clamped at 0: exp(r) - 1 - r can round to -1e-8 for a tiny r in fp32)
         seq_kl_k3 = (kl_penalty(sample_logp, ref_logp, "k3").clamp(min=0) * mask).sum(-1).mean()
         stats = {
-            "reward_mean": scores.mean().item(),
-            "reward_std": scores.std().item() if b > 1 else 0.0,
+            "reward_mean": raw_scores.mean().item(),
+            "reward_std": raw_scores.std().item() if b > 1 else 0.0,
             "kl": seq_kl_k3.item(),
             # kl_reward_kind per sequence: what the reward subtracts and the adaptive controller reads
             "kl_reward": kl.sum(-1).mean().item(),
             "response_length": mask.sum(-1).float().mean().item(),
+            "truncated": truncated.float().mean().item(),  # share of samples cut at max_new_tokens
             "rollout_seconds": rollout_seconds,
             "tokens_per_s": self.engine.stats["decode_tokens"] / max(rollout_seconds, 1e-9),
         }
         if self.config.reward_on_error is not None:
             stats["reward_errors"] = float(reward_errors)  # samples scored reward_on_error
+        if cfg.overlong_buffer:
+            stats["overlong_penalty"] = (scores - raw_scores).mean().item()
         stats.update({f"reward/{k}": v for k, v in reward_extras.items()})  # a reward_fn's own logged numbers
         if not on_policy:  # else the update measures it on its own forward
             stats["logprob_mismatch_max"] = ((old_logp - rollout_logp).abs() * mask).max().item()
@@ -388,7 +452,7 @@ class PPOTrainer:
             for start in range(0, b, minibatch):
                 idx = order[start : start + minibatch].to(batch["input_ids"].device)
                 mb = {k: v[idx] for k, v in batch.items()}
-                scale = self._global_scale(mb["mask"], cfg.agg)
+                loss_mask = mb["loss_mask"]
                 logp, entropy = self._logprobs(self.policy_module, mb["input_ids"], mb["attention_mask"],
                                                mb["targets"], entropy=True,
                                                prompt_len=mb.get("prompt_len") if whole else None)
@@ -398,13 +462,16 @@ class PPOTrainer:
                 if old_logp is None:  # on-policy (see rollout): the training forward is the old policy
                     old_logp = logp.detach()
                     mismatch = ((old_logp - mb["rollout_logp"]).abs() * mb["mask"]).max().item()
-                if cfg.tis_cap is not None:
-                    weight = torch.exp(old_logp - mb["rollout_logp"]).clamp(max=cfg.tis_cap) * mb["mask"]
-                    advantages = advantages * weight
+                # the rollout engine's sampling policy against the trained one (rollout_correction)
+                is_weights, loss_mask, correction = rollout_correction(
+                    old_logp, mb["rollout_logp"], loss_mask, cfg.rollout_correction, cap=cfg.rollout_correction_cap,
+                    low=cfg.rollout_correction_low)
+                scale = self._global_scale(loss_mask, cfg.agg)
                 loss, stats = ppo_policy_loss(
-                    logp, old_logp, advantages, mb["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                    dual_clip=cfg.dual_clip, ref_logp=mb["ref_logp"] if cfg.kl_coef else None, kl_coef=cfg.kl_coef,
-                    kl_kind=cfg.kl_kind, agg=cfg.agg,
+                    logp, old_logp, advantages, loss_mask, policy_loss=cfg.policy_loss, clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, ref_logp=mb["ref_logp"] if cfg.kl_coef else None,
+                    kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, rollout_is_weights=is_weights, agg=cfg.agg,
+                    agg_norm=cfg.agg_norm, sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
                 )
                 if not cfg.entropy_coef:  # logged only: no gradient, so the backward skips the entropy term
                     entropy = entropy.detach()
@@ -433,6 +500,7 @@ class PPOTrainer:
                 self.optimizer.step()
                 row = {"policy_loss": loss.item(), "entropy": entropy_mean.item(), "grad_norm": float(grad_norm)}
                 row.update({k: float(v) for k, v in stats.items()})
+                row.update(correction)
                 if mismatch is not None:
                     row["logprob_mismatch_max"] = mismatch
                 if self.critic_module is not None:
