@@ -452,7 +452,7 @@ class PPOTrainer:
             for start in range(0, b, minibatch):
                 idx = order[start : start + minibatch].to(batch["input_ids"].device)
                 mb = {k: v[idx] for k, v in batch.items()}
-                loss_mask = mb["loss_mask"]
+                loss_mask = mb.get("loss_mask", mb["mask"])  # a batch built by hand may have only mask
                 logp, entropy = self._logprobs(self.policy_module, mb["input_ids"], mb["attention_mask"],
                                                mb["targets"], entropy=True,
                                                prompt_len=mb.get("prompt_len") if whole else None)
