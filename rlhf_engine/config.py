@@ -104,8 +104,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_config(cls, values: dict, *, source: str = "config"):
-    """``cls(**values)`` with every key and value checked; ``source`` names where they came from."""
+def checked_values(cls, values: dict, *, source: str = "config") -> dict:
+    """``values`` with every key known to ``cls`` and every value of its field's type (coerced from strings);
+    ``source`` names where they came from. Checks between fields are ``cls``'s own, once the whole config is
+    known (``build_config``)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, found {type(values).__name__}")
     fields = _fields(cls)
@@ -117,6 +119,12 @@ def build_config(cls, values: dict, *, source: str = "config"):
         if key not in fields:
             raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}{_nearest(key, list(fields))}")
         kwargs[key] = _coerce(cls.__name__, key, fields[key][1], value, source)
+    return kwargs
+
+
+def build_config(cls, values: dict, *, source: str = "config"):
+    """``cls(**values)`` with every key and value checked; ``source`` names where they came from."""
+    kwargs = checked_values(cls, values, source=source)
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -140,11 +148,12 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
         if loaded is not None:
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of keys, found {type(loaded).__name__}")
-            build_config(cls, loaded, source=path)  # names the file in key errors
+            checked_values(cls, loaded, source=path)  # names the file in key errors
             values.update(loaded)
     for key, value in parse_overrides(overrides or []):
-        build_config(cls, {key: value}, source=f"--{key.replace('_', '-')}")  # names the flag in errors
+        checked_values(cls, {key: value}, source=f"--{key.replace('_', '-')}")  # names the flag in errors
         values[key] = value
+    # NOTE: the checks between keys (agg_norm needs its agg, ...) run once, on the whole config
     return build_config(cls, values, source=path or "config")
 
 

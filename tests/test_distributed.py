@@ -231,6 +231,26 @@ def test_grpo_cli_at_world_size_2(setup, tmp_path):
     assert load_causal_lm(str(tmp_path / "out" / "model")).config.vocab_size == 259
 
 
+def test_grpo_dynamic_sampling_at_world_size_2(setup, tmp_path):
+    """Ranks keep different numbers of informative groups and run refill rounds together (FSDP's gather in each
+    is a collective): they must agree on the rounds and the batch, or the run hangs or dies."""
+    root, model_dir, _ = setup
+    prompts = str(tmp_path / "prompts.jsonl")
+    base = [task.format_prompt(p) for p in task.make_prompts(8, 4)]
+    write_jsonl(prompts, [{"prompt": p + ("#" if i % 2 else "")} for i, p in enumerate(base)])
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(prompts, responses):\n"
+                      "    pairs = zip(prompts, responses)\n"
+                      "    return [0.5 if p.endswith('#') else float(len(r) % 7) for p, r in pairs]\n")
+    _spawn(_cli, ["grpo", "--model", model_dir, "--data", prompts, "--reward-fn", f"{reward}:score", "--output-dir",
+                  str(tmp_path / "out"), "--iterations", "3", "--n-samples", "2", "--prompts-per-iteration", "4",
+                  "--minibatch-size", "4", "--max-new-tokens", "6", "--strategy", "fsdp", "--dynamic-sampling",
+                  "true", "--max-sampling-rounds", "4", "--no-progress"])
+    rows = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert sum(r["groups_dropped"] for r in rows) > 0 and all(r["sampling_rounds"] <= 4 for r in rows)
+
+
 # -- collectives --------------------------------------------------------------------------------------------------
 
 

@@ -80,6 +80,11 @@ def test_config_names_what_is_wrong(tmp_path):
         PPOConfig(algorithm="grpo", rollout_correction="is")
     with pytest.raises(ValueError, match="overlong_buffer must be an int in"):
         PPOConfig(algorithm="grpo", overlong_buffer=48, max_new_tokens=48)
+    # keys that depend on each other may come in any order on the command line
+    both = load_config(PPOConfig, None, ["--agg-norm", "48", "--agg", "seq-mean-token-sum-norm"])
+    assert both.agg_norm == 48.0 and both.agg == "seq-mean-token-sum-norm"
+    with pytest.raises(ConfigError, match="--agg-norm"):
+        load_config(PPOConfig, None, ["--agg-norm", "many"])  # a wrong type still names its flag
     assert PPOConfig(algorithm="grpo", policy_loss="sapo").agg == "seq-mean-token-mean"
     assert PPOConfig(algorithm="grpo", policy_loss="cispo").agg == "token-mean"
 
@@ -112,3 +117,48 @@ def test_grpo_runs_with_every_policy_loss(tmp_path, policy_loss, extra):
         assert 0.0 <= last["rollout_masked_tokens"] <= 1.0
     if "overlong_buffer" in extra:
         assert last["overlong_penalty"] <= 0.0
+
+
+def flat_or_ascii(prompts, responses):
+    """Every sample of a prompt ending in '#' scores 0.5 (a group with no advantage); the others score their
+    share of ASCII characters, which differs between samples."""
+    return [0.5 if p.endswith("#") else sum(ord(c) < 128 for c in r) / max(1, len(r))
+            for p, r in zip(prompts, responses, strict=True)]
+
+
+def test_dynamic_sampling_drops_groups_without_signal(tmp_path):
+    tokenizer = build_byte_tokenizer()
+    path = task.build_tiny_model_dir(str(tmp_path / "m"), vocab_size=len(tokenizer), seed=3, hidden_size=32)
+    torch.manual_seed(0)
+    base = [task.format_prompt(p) for p in task.make_prompts(8, seed=0)]
+    prompts = base[:4] + [p + "#" for p in base[4:]]
+    config = PPOConfig(algorithm="grpo", iterations=3, prompts_per_iteration=4, n_samples=4, max_new_tokens=10,
+                       minibatch_size=16, dynamic_sampling=True, max_sampling_rounds=6, seed=2)
+    trainer = PPOTrainer(load_causal_lm(path), tokenizer, config, reward_fn=flat_or_ascii)
+    seen = []
+
+    def record(metrics):
+        seen.append(list(trainer.last_rollout["prompts"]))
+
+    history = trainer.train(prompts, progress=False, on_step=record)
+    assert sum(h["groups_dropped"] for h in history) > 0
+    assert any(h["sampling_rounds"] > 1 and h["groups_kept"] == 4 for h in history)  # refilled from fresh prompts
+    for h, kept in zip(history, seen, strict=True):
+        assert not any(p.endswith("#") for p in kept)  # no group without signal reached the update
+        assert len(kept) == h["groups_kept"] * 4 and h["sampling_rounds"] <= 6
+        if h["groups_kept"] == 4:
+            assert not h.get("skipped_iteration")
+
+
+def test_dynamic_sampling_with_no_signal_skips_the_iteration(tmp_path):
+    tokenizer = build_byte_tokenizer()
+    path = task.build_tiny_model_dir(str(tmp_path / "m"), vocab_size=len(tokenizer), seed=3, hidden_size=32)
+    prompts = [task.format_prompt(p) + "#" for p in task.make_prompts(4, seed=0)]
+    config = PPOConfig(algorithm="grpo", iterations=2, prompts_per_iteration=2, n_samples=2, max_new_tokens=6,
+                       dynamic_sampling=True, max_sampling_rounds=2, seed=0)
+    trainer = PPOTrainer(load_causal_lm(path), tokenizer, config, reward_fn=flat_or_ascii)
+    history = trainer.train(prompts, progress=False)
+    assert [h["skipped_iteration"] for h in history] == [1.0, 1.0]
+    assert [h["groups_kept"] for h in history] == [0.0, 0.0] and history[0]["groups_dropped"] == 4
+    with pytest.raises(ValueError, match="dynamic_sampling needs groups"):
+        PPOConfig(algorithm="ppo", dynamic_sampling=True)

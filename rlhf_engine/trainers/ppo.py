@@ -104,6 +104,9 @@ class PPOConfig(RunConfig):
                                      "overlong_buffer lose up to overlong_penalty, linearly (0: off)")
     overlong_penalty: float = option(1.0, "the largest overlong punishment, at max_new_tokens")
     mask_truncated: bool = option(False, "drop completions cut at max_new_tokens (no stop token) from the loss")
+    dynamic_sampling: bool = option(False, "grpo / rloo (DAPO): drop groups whose rewards are all equal and sample "
+                                           "more prompts until the batch is full or max_sampling_rounds have run")
+    max_sampling_rounds: int = option(3, "dynamic_sampling: sampling rounds per iteration at most")
     gamma: float = option(1.0, "GAE discount")
     lam: float = option(0.95, "GAE lambda")
     whiten_advantages: bool = option(True, "normalise advantages over the batch's response tokens")
@@ -133,7 +136,7 @@ class PPOConfig(RunConfig):
         if self.algorithm in ("grpo", "rloo") and self.n_samples < 2:
             raise ValueError(f"PPOConfig.n_samples must be >= 2 for {self.algorithm}, found {self.n_samples}")
         for name in ("iterations", "prompts_per_iteration", "n_samples", "max_new_tokens", "ppo_epochs",
-                     "minibatch_size", "max_prompt_length"):
+                     "minibatch_size", "max_prompt_length", "max_sampling_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PPOConfig.{name} must be a positive int, found {value!r}")
@@ -166,6 +169,8 @@ class PPOConfig(RunConfig):
                              f"{self.max_new_tokens}), found {self.overlong_buffer!r}")
         if self.overlong_penalty < 0:
             raise ValueError(f"PPOConfig.overlong_penalty must be >= 0, found {self.overlong_penalty}")
+        if self.dynamic_sampling and self.algorithm == "ppo":
+            raise ValueError("PPOConfig.dynamic_sampling needs groups: algorithm grpo or rloo (n_samples >= 2)")
         if self.reward_model and self.reward_fn:
             raise ValueError("PPOConfig: set one of reward_model or reward_fn, not both")
 
@@ -240,6 +245,7 @@ class PPOTrainer:
         self.rng = random.Random(config.seed)
         self.iteration = 0
         self.last_rollout: dict = {}  # prompts, responses and scores of the latest iteration
+        self._prompt_source: list = []  # the run's prompts (train sets them): dynamic sampling draws more from them
 
     # ------------------------------------------------------------------------------------------------------------
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -304,6 +310,73 @@ class PPOTrainer:
         with self._autocast():
             return score_ids(self.reward_model, sequences, self.tokenizer.pad_token_id).cpu()
 
+    def _generate(self, records: list) -> list:
+        """The n samples of each record's prompt (``RolloutOutput`` per record); no prompts, no samples (a rank
+        with nothing to sample still joins FSDP's gather, a collective)."""
+        cfg = self.config
+        eos = self.tokenizer.eos_token_id
+        params = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, stop_token_ids=(eos,) if eos is not None else (),
+                                seed=self.rng.randrange(2**31))
+        self.rollout_weights.refresh()  # a copy only when an optimizer step moved the master weights
+        with gathered(self.policy_module):  # FSDP: whole parameters for the rollout, freed after
+            if not records:
+                return []
+            return self.engine.generate([self._encode_prompt(r.prompt) for r in records], params)
+
+    def _score_groups(self, groups: list) -> tuple[torch.Tensor, int, dict]:
+        """(scores [samples], reward errors, reward_fn extras) of ``groups`` [(record, RolloutOutput)]."""
+        eos = self.tokenizer.eos_token_id
+        samples = [(record, out, s) for record, out in groups for s in out.samples]
+        if self.scorer is None:
+            return self._model_scores([out.prompt_token_ids + s.token_ids for _, out, s in samples]), 0, {}
+        responses = [self.tokenizer.decode([t for t in s.token_ids if t != eos], skip_special_tokens=True)
+                     for _, _, s in samples]
+        return self.scorer.submit([r.prompt for r, _, _ in samples], responses,
+                                  [r.fields for r, _, _ in samples]).result()
+
+    def _sample_informative_groups(self, records: list, prompts: list) -> tuple[list, tuple | None, dict]:
+        """DAPO's dynamic sampling: groups whose n rewards are all equal carry no group advantage and are dropped;
+        fresh prompts (drawn from the run's prompts like the iteration's own) are sampled until this rank holds
+        as many groups as it was given, or ``max_sampling_rounds`` rounds have run. Every rank runs the same
+        rounds and keeps the same number of groups (the least any rank found), so the update's collectives
+        match. Returns (groups, (scores, errors, extras) of the kept samples, logged numbers)."""
+        cfg, n = self.config, self.config.n_samples
+        quota = len(records)
+        source = self._prompt_source or as_records(prompts, "prompts", "prompts")
+        kept, kept_scores, dropped, errors, extras, rounds, scored_rounds = [], [], 0, 0, {}, 0, 0
+        pool = records
+        while True:
+            rounds += 1
+            groups = list(zip(pool, self._generate(pool), strict=True))
+            if groups:
+                scores, round_errors, round_extras = self._score_groups(groups)
+                errors += round_errors
+                scored_rounds += 1
+                extras = {k: extras.get(k, 0.0) + v for k, v in round_extras.items()}
+                for g, group in enumerate(groups):
+                    if len(kept) == quota:
+                        break
+                    group_scores = scores[g * n : (g + 1) * n]
+                    if bool((group_scores == group_scores[0]).all()):
+                        dropped += 1
+                    else:
+                        kept.append(group)
+                        kept_scores.append(group_scores)
+            (missing,) = self.dist.all_reduce([float(quota - len(kept))])
+            if missing == 0 or rounds >= cfg.max_sampling_rounds:
+                break
+            # every rank draws the same global prompts (the RNG stays in step) and samples its share if it needs any
+            draw = [self.rng.choice(source) for _ in range(cfg.prompts_per_iteration)]
+            pool = self.dist.shard(draw) if len(kept) < quota else []
+        common = -self.dist.reduce_stats({}, {"fewest": -float(len(kept))})["fewest"]
+        kept, kept_scores = kept[: int(common)], kept_scores[: int(common)]
+        stats = {"sampling_rounds": float(rounds), "groups_kept": float(len(kept)), "groups_dropped": float(dropped)}
+        if not kept:
+            return [], None, stats
+        extras = {k: v / scored_rounds for k, v in extras.items()}  # means over the rounds' batches
+        return kept, (torch.cat(kept_scores), errors, extras), stats
+
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict:
@@ -311,25 +384,24 @@ class PPOTrainer:
         cfg = self.config
         t0 = time.perf_counter()
         records = self.dist.shard(as_records(prompts, "prompts", "prompts"))  # each rank its own prompts
-        prompts = [r.prompt for r in records]
-        prompt_ids = [self._encode_prompt(p) for p in prompts]
         eos = self.tokenizer.eos_token_id
-        params = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, stop_token_ids=(eos,) if eos is not None else (),
-                                seed=self.rng.randrange(2**31))
-        self.rollout_weights.refresh()  # a copy only when an optimizer step moved the master weights
-        with gathered(self.policy_module):  # FSDP: whole parameters for the rollout, freed after
-            outputs = self.engine.generate(prompt_ids, params)
+        if cfg.dynamic_sampling:
+            groups, scored, sampling_stats = self._sample_informative_groups(records, prompts)
+        else:
+            groups, scored, sampling_stats = list(zip(records, self._generate(records), strict=True)), None, {}
         rollout_seconds = time.perf_counter() - t0
+        if not groups:  # dynamic sampling found no group with a reward signal on some rank: nothing to learn from
+            return {"batch": None, "stats": self._reduce(sampling_stats), "responses": [], "prompts": [],
+                    "scores": torch.zeros(0), "skip": True}
         rows, texts_p, texts_r, fields = [], [], [], []
-        for record, out in zip(records, outputs, strict=True):
+        for record, out in groups:
             for s in out.samples:
                 rows.append((out.prompt_token_ids, s))
                 texts_p.append(record.prompt)
                 fields.append(record.fields)
                 texts_r.append(self.tokenizer.decode([t for t in s.token_ids if t != eos], skip_special_tokens=True))
         # with reward workers the scores are computed while the log-prob passes below run
-        pending = self.scorer.submit(texts_p, texts_r, fields) if self.scorer is not None else None
+        pending = self.scorer.submit(texts_p, texts_r, fields) if self.scorer is not None and scored is None else None
         width = max(len(p) + len(s.token_ids) for p, s in rows)
         b = len(rows)
         input_ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -357,7 +429,9 @@ class PPOTrainer:
         old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets,
                                                          prompt_len=prompt_len)
         ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets, prompt_len=prompt_len)
-        if pending is not None:
+        if scored is not None:  # dynamic sampling scored the groups already
+            scores, reward_errors, reward_extras = scored
+        elif pending is not None:
             scores, reward_errors, reward_extras = pending.result()
         else:
             scores, reward_errors, reward_extras = self._model_scores([p + s.token_ids for p, s in rows]), 0, {}
@@ -420,6 +494,7 @@ class PPOTrainer:
         if cfg.overlong_buffer:
             stats["overlong_penalty"] = (scores - raw_scores).mean().item()
         stats.update({f"reward/{k}": v for k, v in reward_extras.items()})  # a reward_fn's own logged numbers
+        stats.update(sampling_stats)
         if not on_policy:  # else the update measures it on its own forward
             stats["logprob_mismatch_max"] = ((old_logp - rollout_logp).abs() * mask).max().item()
         if cfg.algorithm == "ppo":
@@ -595,6 +670,7 @@ class PPOTrainer:
         if not prompts:
             raise ValueError("PPOTrainer.train: prompts is empty")
         prompts = as_records(prompts, "prompts", "prompts")
+        self._prompt_source = prompts
         from rlhf_engine.progress import progress_bar
 
         cfg = self.config
@@ -616,7 +692,9 @@ class PPOTrainer:
                 if logger is not None:
                     logger.log(metrics)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+                # (an iteration dynamic sampling skipped has no reward or KL)
+                bar.set_postfix(reward=f"{metrics.get('reward_mean', math.nan):.3f}",
+                                kl=f"{metrics.get('kl', math.nan):.3f}")
                 last = self.iteration == end
                 if cfg.output_dir and ((cfg.save_every and self.iteration % cfg.save_every == 0) or last):
                     self.save()
