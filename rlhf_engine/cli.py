@@ -6,7 +6,8 @@
     rlhf-engine ppo  --config ppo.yaml  [--key value ...]     PPO (critic + GAE) against a reward model or function
     rlhf-engine grpo --config grpo.yaml [--key value ...]     GRPO (group advantages, no critic)
     rlhf-engine rloo --config rloo.yaml [--key value ...]     RLOO (leave-one-out baseline, no critic)
-    rlhf-engine demo [--task story|arithmetic] [--out DIR] [--steps N] [--phase ...] [--algo ppo|grpo|rloo]
+    rlhf-engine reinforce++ / remax [--key value ...]         REINFORCE++, ReMax (no critic)
+    rlhf-engine demo [--task story|arithmetic] [--out DIR] [--steps N] [--phase ...] [--algo ppo|grpo|rloo|...]
                      [--policy-loss ppo|gspo|cispo|sapo]
 
 A flag overrides the YAML key of the same name (dashes or underscores); `rlhf-engine <phase> --help` lists every
@@ -27,6 +28,9 @@ PHASES = {
     "ppo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "PPO with a critic against a reward model/function"),
     "grpo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "GRPO: group-relative advantages, no critic"),
     "rloo": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "RLOO: leave-one-out baseline, no critic"),
+    "reinforce++": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo",
+                    "REINFORCE++: whitened discounted returns of the KL-shaped reward, no critic"),
+    "remax": ("rlhf_engine.trainers.ppo:PPOConfig", "run_ppo", "ReMax: a greedy response's reward as the baseline"),
 }
 # rlhf_engine.ops.POLICY_LOSSES, spelled out so that `--help` imports no torch (a test keeps the two equal)
 POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo")
@@ -61,8 +65,8 @@ def _phase(phase: str, argv: list[str]) -> int:
     for i, arg in enumerate(overrides):  # a bare --resume means --resume true
         if arg == "--resume" and (i + 1 == len(overrides) or overrides[i + 1].startswith("--")):
             overrides.insert(i + 1, "true")
-    # grpo and rloo are PPOConfig with their algorithm set before the config is built (its defaults depend on it)
-    rl = phase in ("ppo", "grpo", "rloo")
+    # the RL phases are PPOConfig with their algorithm set before the config is built (its defaults depend on it)
+    rl = phase in ("ppo", "grpo", "rloo", "reinforce++", "remax")
     config = load_config(cls, args.config, overrides, defaults={"algorithm": phase} if rl else None)
     if rl and config.algorithm != phase:
         raise ValueError(f"`rlhf-engine {phase}` runs algorithm {phase}, but the config sets algorithm: "
@@ -151,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--phase", choices=("all", "sft", "rm", "ppo"), default="all",
                       help="run one phase, reusing the earlier phases' outputs in --out (default: all)")
     demo.add_argument("--steps", type=int, default=None, help="steps (iterations for ppo) of the --phase chosen")
-    demo.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default="ppo",
-                      help="RL algorithm of the last phase: ppo (critic) or the critic-free grpo / rloo")
+    demo.add_argument("--algo", choices=("ppo", "grpo", "rloo", "reinforce++", "remax"), default="ppo",
+                      help="RL algorithm of the last phase: ppo (critic) or the critic-free grpo / rloo / "
+                           "reinforce++ / remax")
     demo.add_argument("--policy-loss", choices=POLICY_LOSSES, default="ppo",
                       help="policy loss of the RL phase: ppo (clipped ratio), gspo (sequence ratio), cispo (clipped "
                            "IS weight), sapo (soft gate)")

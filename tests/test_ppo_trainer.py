@@ -23,12 +23,13 @@ def setup(tmp_path):
     return load_causal_lm(path), tokenizer
 
 
-@pytest.mark.parametrize("algorithm, n_samples, kl_coef", [("ppo", 1, 0.0), ("grpo", 4, 0.01), ("rloo", 4, 0.0)])
+@pytest.mark.parametrize("algorithm, n_samples, kl_coef", [("ppo", 1, 0.0), ("grpo", 4, 0.01), ("rloo", 4, 0.0),
+                                                           ("reinforce++", 1, 0.0), ("remax", 2, 0.0)])
 def test_reward_rises(setup, algorithm, n_samples, kl_coef):
     model, tokenizer = setup
     config = PPOConfig(algorithm=algorithm, iterations=6, prompts_per_iteration=32 // n_samples,
                        n_samples=n_samples, max_new_tokens=12, lr=1e-2, critic_lr=1e-2, minibatch_size=8,
-                       kl_in_reward=algorithm == "ppo", kl_reward_coef=0.01, kl_coef=kl_coef, seed=1)
+                       kl_in_reward=algorithm in ("ppo", "reinforce++"), kl_reward_coef=0.01, kl_coef=kl_coef, seed=1)
     trainer = PPOTrainer(model, tokenizer, config, reward_fn=reward_fn)
     prompts = [task.format_prompt(p) for p in task.make_prompts(16, seed=0)]
     history = trainer.train(prompts, progress=False)
@@ -147,3 +148,48 @@ def test_shared_prompt_forward_equals_the_plain_one(kind):
     assert torch.equal(logp_b != 0, targets != -100)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def length_reward(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+def test_reinforce_pp_and_remax_advantages(setup):
+    """REINFORCE++ without KL or whitening: every response token's advantage is the sequence's return, its score
+    (gamma 1); with the KL in the reward, the discounted returns of the shaped rewards. ReMax: each sample's score
+    minus the score of its prompt's greedy response."""
+    from rlhf_engine.ops import kl_penalty, reinforce_pp_returns
+    from rlhf_engine.rollout import SamplingParams
+
+    model, tokenizer = setup
+    prompts = [task.format_prompt(p) for p in task.make_prompts(3, seed=1)]
+    config = PPOConfig(algorithm="reinforce++", n_samples=2, prompts_per_iteration=3, max_new_tokens=8,
+                       whiten_advantages=False, kl_in_reward=False, seed=0)
+    out = PPOTrainer(model, tokenizer, config, reward_fn=length_reward).rollout(prompts)
+    batch, mask = out["batch"], out["batch"]["mask"]
+    torch.testing.assert_close(batch["advantages"], out["scores"][:, None] * mask)
+
+    config = PPOConfig(algorithm="reinforce++", n_samples=2, prompts_per_iteration=3, max_new_tokens=8,
+                       whiten_advantages=False, kl_reward_coef=0.1, gamma=0.9, seed=0)
+    out = PPOTrainer(model, tokenizer, config, reward_fn=length_reward).rollout(prompts)
+    batch, mask = out["batch"], out["batch"]["mask"]
+    rewards = torch.zeros_like(mask, dtype=torch.float32)
+    last = mask.float().cumsum(-1).argmax(-1)  # each row's last response token
+    rewards[torch.arange(len(last)), last] = out["scores"]
+    rewards = rewards - 0.1 * kl_penalty(batch["old_logp"], batch["ref_logp"], "k1") * mask
+    torch.testing.assert_close(batch["advantages"], reinforce_pp_returns(rewards, mask, 0.9, whiten=False))
+
+    config = PPOConfig(algorithm="remax", n_samples=2, prompts_per_iteration=3, max_new_tokens=8,
+                       whiten_advantages=False, seed=0)
+    trainer = PPOTrainer(model, tokenizer, config, reward_fn=length_reward)
+    out = trainer.rollout(prompts)
+    greedy = trainer.engine.generate([trainer._encode_prompt(p) for p in prompts],
+                                     SamplingParams(n=1, temperature=0.0, max_new_tokens=8,
+                                                    stop_token_ids=(tokenizer.eos_token_id,)))
+    eos = tokenizer.eos_token_id
+    baseline = torch.tensor(length_reward(prompts, [tokenizer.decode([t for t in g.samples[0].token_ids if t != eos],
+                                                                     skip_special_tokens=True) for g in greedy]))
+    mask = out["batch"]["mask"]
+    expected = (out["scores"] - baseline.repeat_interleave(2))[:, None] * mask
+    torch.testing.assert_close(out["batch"]["advantages"], expected)
+    assert out["stats"]["baseline_reward_mean"] == pytest.approx(float(baseline.mean()))

@@ -99,6 +99,16 @@ def test_demo_runs_each_policy_loss(demo_run, policy_loss):
     assert len(rows) == 2 and ("clipfrac" in rows[-1]) == (policy_loss != "sapo")
 
 
+@pytest.mark.parametrize("algo", ["reinforce++", "remax"])
+def test_demo_runs_reinforce_pp_and_remax(demo_run, algo):
+    out, _ = demo_run
+    assert main(["demo", "--out", out, "--phase", "ppo", "--algo", algo, "--steps", "2", "--no-progress"]) == 0
+    with open(os.path.join(out, f"{algo}_metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2 and ("baseline_reward_mean" in rows[-1]) == (algo == "remax")
+    assert load_causal_lm(os.path.join(out, algo)).config.vocab_size > 0
+
+
 def test_cli_policy_losses_are_the_ops():
     from rlhf_engine import cli, ops
 

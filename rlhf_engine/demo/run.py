@@ -87,18 +87,19 @@ def _plot(sft, rm, ppo, algo: str, path: str) -> None:
 
 
 DEMO_PHASES = ("all", "sft", "rm", "ppo")
-ALGOS = ("ppo", "grpo", "rloo")
+ALGOS = ("ppo", "grpo", "rloo", "reinforce++", "remax")
 
 
 def _ppo_config(algo: str, iterations: int, seed: int, policy_loss: str = "ppo") -> PPOConfig:
-    """16 samples an iteration either way: 16 prompts x 1 (PPO, critic) or 4 prompts x 4 (GRPO/RLOO, no critic)."""
+    """16 samples an iteration either way: 16 prompts x 1 (PPO, critic) or 4 prompts x 4 (the others, no critic)."""
     if algo == "ppo":
         return PPOConfig(algorithm="ppo", iterations=iterations, prompts_per_iteration=16, n_samples=1,
                          max_new_tokens=MAX_NEW_TOKENS, lr=3e-5, critic_lr=3e-4, minibatch_size=8,
                          kl_reward_coef=0.05, seed=seed, policy_loss=policy_loss)
+    kl_in_reward = algo == "reinforce++"  # REINFORCE++ shapes the reward with the KL; the others take it as a loss
     return PPOConfig(algorithm=algo, iterations=iterations, prompts_per_iteration=4, n_samples=4,
-                     max_new_tokens=MAX_NEW_TOKENS, lr=3e-5, minibatch_size=8, kl_in_reward=False, kl_coef=0.02,
-                     seed=seed, policy_loss=policy_loss)
+                     max_new_tokens=MAX_NEW_TOKENS, lr=3e-5, minibatch_size=8, kl_in_reward=kl_in_reward,
+                     kl_reward_coef=0.02, kl_coef=0.0 if kl_in_reward else 0.02, seed=seed, policy_loss=policy_loss)
 
 
 def _need(path: str, what: str, phase: str) -> str:

@@ -1,6 +1,7 @@
-"""PPO, GRPO and RLOO: one loop. Rollout on the paged KV cache, score, KL against the frozen reference,
-advantages (GAE over a critic for PPO; group-relative for GRPO/RLOO), then epochs of minibatches over the fused
-``ppo_policy_loss`` (and ``value_loss`` for the critic).
+"""PPO, GRPO, RLOO, REINFORCE++ and ReMax: one loop. Rollout on the paged KV cache, score, KL against the frozen
+reference, advantages (GAE over a critic for PPO; group-relative for GRPO/RLOO; whitened discounted returns of
+the KL-shaped reward for REINFORCE++; a greedy response's reward as the baseline for ReMax), then epochs of
+minibatches over the fused ``ppo_policy_loss`` (and ``value_loss`` for the critic).
 
     trainer = PPOTrainer(policy, tokenizer, PPOConfig(algorithm="grpo", n_samples=8), reward_fn=my_fn)
     history = trainer.train(prompts)          # prompts: list[str]; one metrics dict per iteration
@@ -37,6 +38,7 @@ from rlhf_engine.ops import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    reinforce_pp_returns,
     value_loss,
 )
 from rlhf_engine.precision import LossScaler, RolloutWeights, autocast, frozen_copy, fsdp_mixed_precision
@@ -45,11 +47,12 @@ from rlhf_engine.rollout import RolloutEngine, SamplingParams
 from rlhf_engine.trainers.common import RunConfig, open_metrics, option
 from rlhf_engine.trainers.experience import ROLLOUT_CORRECTIONS, overlong_penalty, rollout_correction
 
-ALGORITHMS = ("ppo", "grpo", "rloo")
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce++", "remax")
+KL_IN_REWARD = ("ppo", "reinforce++")  # the algorithms whose reward carries the KL (kl_in_reward)
 
 
 # samples per prompt when n_samples is not set: a group of 8 for the group estimators, as TRL's GRPOTrainer
-DEFAULT_N_SAMPLES = {"ppo": 1, "grpo": 8, "rloo": 8}
+DEFAULT_N_SAMPLES = {"ppo": 1, "grpo": 8, "rloo": 8, "reinforce++": 1, "remax": 1}
 
 
 @dataclass
@@ -68,7 +71,9 @@ class PPOConfig(RunConfig):
                                                  "(counted as reward_errors); None: the failure stops the run")
     critic_model: str = option("", "PPO: critic start (a reward/value model directory; default: the reward model, "
                                     "else the policy body with a new head)")
-    algorithm: str = option("ppo", "ppo (critic + GAE) | grpo | rloo (group advantages over n_samples, no critic)")
+    algorithm: str = option("ppo", "ppo (critic + GAE) | grpo | rloo (group advantages over n_samples, no critic) | "
+                                   "reinforce++ (whitened discounted returns of the KL-shaped reward, no critic) | "
+                                   "remax (a greedy sample's reward as the baseline, no critic)")
     iterations: int = option(20, "rollout + update iterations")
     prompts_per_iteration: int = option(8, "prompts sampled each iteration")
     n_samples: int | None = option(None, "samples per prompt (default: 1 for ppo, 8 for grpo and rloo, whose group "
@@ -110,7 +115,8 @@ class PPOConfig(RunConfig):
     gamma: float = option(1.0, "GAE discount")
     lam: float = option(0.95, "GAE lambda")
     whiten_advantages: bool = option(True, "normalise advantages over the batch's response tokens")
-    kl_in_reward: bool = option(True, "PPO: subtract kl_reward_coef * KL to the reference from each token's reward")
+    kl_in_reward: bool = option(True, "ppo and reinforce++: subtract kl_reward_coef * KL to the reference from each "
+                                      "token's reward")
     kl_reward_coef: float = option(0.05, "coefficient of the KL in the reward (the start value when adaptive)")
     kl_reward_kind: str = option("k1", "estimator of the KL in the reward: k1 | k2 | k3 | abs")
     adaptive_kl_target: float | None = option(None, "adapt kl_reward_coef towards this KL per sequence (the "
@@ -169,7 +175,7 @@ class PPOConfig(RunConfig):
                              f"{self.max_new_tokens}), found {self.overlong_buffer!r}")
         if self.overlong_penalty < 0:
             raise ValueError(f"PPOConfig.overlong_penalty must be >= 0, found {self.overlong_penalty}")
-        if self.dynamic_sampling and self.algorithm == "ppo":
+        if self.dynamic_sampling and self.algorithm not in ("grpo", "rloo"):
             raise ValueError("PPOConfig.dynamic_sampling needs groups: algorithm grpo or rloo (n_samples >= 2)")
         if self.reward_model and self.reward_fn:
             raise ValueError("PPOConfig: set one of reward_model or reward_fn, not both")
@@ -310,12 +316,13 @@ class PPOTrainer:
         with self._autocast():
             return score_ids(self.reward_model, sequences, self.tokenizer.pad_token_id).cpu()
 
-    def _generate(self, records: list) -> list:
-        """The n samples of each record's prompt (``RolloutOutput`` per record); no prompts, no samples (a rank
-        with nothing to sample still joins FSDP's gather, a collective)."""
+    def _generate(self, records: list, *, greedy: bool = False) -> list:
+        """The n samples of each record's prompt (``RolloutOutput`` per record; ``greedy``: one greedy response
+        each); no prompts, no samples (a rank with nothing to sample still joins FSDP's gather, a collective)."""
         cfg = self.config
         eos = self.tokenizer.eos_token_id
-        params = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+        params = SamplingParams(n=1 if greedy else cfg.n_samples, temperature=0.0 if greedy else cfg.temperature,
+                                top_p=1.0 if greedy else cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop_token_ids=(eos,) if eos is not None else (),
                                 seed=self.rng.randrange(2**31))
         self.rollout_weights.refresh()  # a copy only when an optimizer step moved the master weights
@@ -389,6 +396,10 @@ class PPOTrainer:
             groups, scored, sampling_stats = self._sample_informative_groups(records, prompts)
         else:
             groups, scored, sampling_stats = list(zip(records, self._generate(records), strict=True)), None, {}
+        baseline = None
+        if cfg.algorithm == "remax":  # ReMax (arXiv 2310.10505): the reward of a greedy response per prompt
+            baseline, _, _ = self._score_groups(list(zip(records, self._generate(records, greedy=True), strict=True)))
+            sampling_stats["baseline_reward_mean"] = baseline.float().mean().item()
         rollout_seconds = time.perf_counter() - t0
         if not groups:  # dynamic sampling found no group with a reward signal on some rank: nothing to learn from
             return {"batch": None, "stats": self._reduce(sampling_stats), "responses": [], "prompts": [],
@@ -423,7 +434,8 @@ class PPOTrainer:
         input_ids, attention_mask, targets = input_ids.to(device), attention_mask.to(device), targets.to(device)
         # NOTE: an on-policy update (one epoch, one minibatch) has old = detached current log-probs (ratio 1), so
         # its own forward gives them; the KL in the reward, though, needs them before the update.
-        on_policy = (cfg.reuse_logprobs and cfg.ppo_epochs == 1 and not (cfg.algorithm == "ppo" and cfg.kl_in_reward)
+        on_policy = (cfg.reuse_logprobs and cfg.ppo_epochs == 1
+                     and not (cfg.algorithm in KL_IN_REWARD and cfg.kl_in_reward)
                      and cfg.prompts_per_iteration * cfg.n_samples <= cfg.minibatch_size)
         prompt_len = torch.tensor([len(p) for p, _ in rows], device=device)
         old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets,
@@ -468,6 +480,14 @@ class PPOTrainer:
             # how much of the returns' variance the critic explains (1 perfect, 0 a constant guess, < 0 worse)
             unexplained = masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
             explained_variance = 1.0 - float(unexplained)
+        elif cfg.algorithm == "reinforce++":  # G_t = r_t + gamma G_{t+1} of the KL-shaped token rewards
+            rewards = torch.zeros_like(ref_logp)
+            rewards[torch.arange(b, device=device), last] = scores
+            if cfg.kl_in_reward:
+                rewards = rewards - self.kl_reward_coef * kl
+            advantages = reinforce_pp_returns(rewards, mask, cfg.gamma, whiten=False)  # whitened below, globally
+        elif cfg.algorithm == "remax":  # each sample's reward minus its prompt's greedy sample's
+            advantages = (scores - baseline.to(device).repeat_interleave(cfg.n_samples))[:, None] * mask
         else:
             group = group_advantages(scores, cfg.n_samples, kind=cfg.algorithm)
             advantages = group[:, None].expand_as(ref_logp) * mask
