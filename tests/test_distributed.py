@@ -280,6 +280,24 @@ def _reduce_stats(out):
         torch.save({"stats": stats, "calls": calls, "device": info.device}, out)
 
 
+def _whiten_halves(out):
+    from rlhf_engine.ops import masked_whiten
+
+    info = init_distributed("ddp", torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    values, mask = torch.randn(6, 9, generator=gen), torch.rand(6, 9, generator=gen) > 0.3
+    rows = slice(3 * info.rank, 3 * info.rank + 3)
+    half = masked_whiten(values[rows], mask[rows], all_reduce=info.all_reduce)
+    torch.save({"half": half, "whole": masked_whiten(values, mask)[rows]}, f"{out}.{info.rank}")
+
+
+def test_masked_whiten_over_ranks_equals_the_whole_batch(tmp_path):
+    _spawn(_whiten_halves, str(tmp_path / "w"))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"w.{rank}")
+        torch.testing.assert_close(got["half"], got["whole"], atol=1e-5, rtol=1e-5)
+
+
 def test_reduce_stats_is_one_collective_on_the_group_device(tmp_path):
     _spawn(_reduce_stats, str(tmp_path / "stats.pt"))
     out = torch.load(str(tmp_path / "stats.pt"))

@@ -52,19 +52,26 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, 
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, all_reduce=None
 ) -> torch.Tensor:
     """Whitening over the unmasked entries: (values - mean) / sqrt(var + eps), masked entries give 0.
 
     mean = masked_mean(values, mask) and var = sum((values - mean)^2 m) / (sum(m) - 1) (unbiased), both over all
     entries. values [...], mask [...] of the same shape; returns [...] fp32. With ``shift_mean=False`` the mean is
-    added back (only the scale changes).
+    added back (only the scale changes). ``all_reduce``: a callable summing a list of floats over the processes
+    of a data-parallel group (``rlhf_engine.distributed.DistInfo.all_reduce``); the mean and variance are then
+    those of every process's entries (two collectives, two host syncs).
     """
     m = float_mask(mask)
     x = torch.where(m != 0, values.float(), 0.0)
-    mean = masked_mean(x, m)
-    count = m.sum()
-    var = torch.where(m != 0, (x - mean) ** 2 * m, 0.0).sum() / torch.clamp(count - 1, min=1.0)
+    total, count = torch.where(m != 0, x * m, 0.0).sum(), m.sum()
+    if all_reduce is not None:
+        total, count = (torch.tensor(v, device=x.device) for v in all_reduce([float(total), float(count)]))
+    mean = torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
+    squares = torch.where(m != 0, (x - mean) ** 2 * m, 0.0).sum()
+    if all_reduce is not None:
+        squares = torch.tensor(all_reduce([float(squares)])[0], device=x.device)
+    var = squares / torch.clamp(count - 1, min=1.0)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

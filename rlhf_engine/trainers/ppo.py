@@ -26,29 +26,22 @@ import torch
 
 from rlhf_engine.checkpoint import load_checkpoint_state, save_checkpoint
 from rlhf_engine.data.jsonl import as_records
-from rlhf_engine.distributed import DistInfo, SavesState, full_state, gathered, load_optimizer_state, wrap
-from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel, position_ids_for
-from rlhf_engine.models.loading import max_positions
+from rlhf_engine.distributed import DistInfo, SavesState, full_state, load_optimizer_state, wrap
+from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel
 from rlhf_engine.ops import (
     AGG_MODES,
     POLICY_LOSSES,
-    gae,
-    group_advantages,
-    kl_penalty,
     masked_mean,
-    masked_whiten,
     ppo_policy_loss,
-    reinforce_pp_returns,
     value_loss,
 )
-from rlhf_engine.precision import LossScaler, RolloutWeights, autocast, frozen_copy, fsdp_mixed_precision
+from rlhf_engine.precision import LossScaler, RolloutWeights, frozen_copy, fsdp_mixed_precision
 from rlhf_engine.rewards.scoring import RewardScorer
-from rlhf_engine.rollout import RolloutEngine, SamplingParams
+from rlhf_engine.rollout import RolloutEngine
 from rlhf_engine.trainers.common import RunConfig, open_metrics, option
-from rlhf_engine.trainers.experience import ROLLOUT_CORRECTIONS, overlong_penalty, rollout_correction
+from rlhf_engine.trainers.experience import ROLLOUT_CORRECTIONS, ExperienceMaker, rollout_correction
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce++", "remax")
-KL_IN_REWARD = ("ppo", "reinforce++")  # the algorithms whose reward carries the KL (kl_in_reward)
 
 
 # samples per prompt when n_samples is not set: a group of 8 for the group estimators, as TRL's GRPOTrainer
@@ -195,12 +188,7 @@ def _norm(value) -> float:
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    return masked_mean((values - mean) ** 2, mask)
-
-
-class PPOTrainer:
+class PPOTrainer(ExperienceMaker):
     """Holds the policy (trained in place), the frozen reference, the critic (PPO) and the rollout engine."""
 
     def __init__(self, policy, tokenizer, config: PPOConfig, *, reward_model=None, reward_fn=None, critic=None,
@@ -254,39 +242,6 @@ class PPOTrainer:
         self._prompt_source: list = []  # the run's prompts (train sets them): dynamic sampling draws more from them
 
     # ------------------------------------------------------------------------------------------------------------
-    def _encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)[-(self.config.max_prompt_length - 1) :]
-        return ([self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []) + ids
-
-    def _logprobs(self, module, input_ids, attention_mask, targets, *, entropy=False, prompt_len=None):
-        """log-probs (and entropy) of ``targets`` [B, L-1] under ``module`` (a CausalLMLogprobs, possibly
-        wrapped, or a plain causal LM) at the sampling temperature. ``prompt_len`` [B] (rows in groups of
-        n_samples sharing a prompt, as the rollout lays them out) lets each prompt run once for its group."""
-        if hasattr(module, "get_output_embeddings"):
-            module = CausalLMLogprobs(module)
-        n = self.config.n_samples
-        shared = None
-        # NOTE: not under FSDP: the shared path runs the body twice in one forward, untested with FSDP2's hooks
-        if prompt_len is not None and self.config.share_prompts and n > 1 and self.dist.strategy != "fsdp":
-            shared = (n, prompt_len[::n].tolist())
-        with self._autocast():
-            return module(input_ids, attention_mask, targets, position_ids=position_ids_for(attention_mask),
-                          temperature=self.config.temperature, return_entropy=entropy, shared_prompts=shared)
-
-    def _autocast(self):
-        return autocast(self.config.precision, self.device)
-
-    def _whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``masked_whiten`` over the global batch: mean and (unbiased) variance from every rank's tokens."""
-        if not self.dist.enabled:
-            return masked_whiten(values, mask)
-        m = mask.float()
-        total, count = self.dist.all_reduce([float((values * m).sum()), float(m.sum())])
-        mean = total / max(count, 1.0)
-        (sq,) = self.dist.all_reduce([float((((values - mean) ** 2) * m).sum())])
-        var = sq / max(count - 1.0, 1.0)
-        return torch.where(m != 0, (values - mean) * (var + 1e-8) ** -0.5, 0.0)
-
     def _global_scale(self, mask: torch.Tensor, agg: str) -> float:
         """Factor turning this rank's aggregated loss into its share of the global batch's (see distributed.py;
         the gradient reduction averages over ranks): local count * world / global count, with count = tokens
@@ -299,228 +254,6 @@ class PPOTrainer:
         local = float(mask.sum()) if agg == "token-mean" else float((mask.sum(-1) > 0).sum())
         (total,) = self.dist.all_reduce([local])
         return local * self.dist.world_size / max(total, 1.0)
-
-    def _model_scores(self, sequences: list[list[int]]) -> torch.Tensor:
-        """The reward model's score of each sample on ``sequences``, the tokens the policy saw (its prompt cut to
-        max_prompt_length, then the response), ending in EOS as in its training."""
-        from rlhf_engine.trainers.reward import score_ids
-
-        eos = self.tokenizer.eos_token_id
-        sequences = [s if eos is None or s[-1] == eos else s + [eos] for s in sequences]
-        limit = max_positions(self.reward_model)
-        longest = max(len(s) for s in sequences)
-        if limit is not None and longest > limit:
-            raise ValueError(f"a sample of {longest} tokens (prompt cut to max_prompt_length, response of at most "
-                             f"max_new_tokens, EOS) is longer than the reward model's max_position_embeddings = "
-                             f"{limit}: lower PPOConfig.max_prompt_length or max_new_tokens")
-        with self._autocast():
-            return score_ids(self.reward_model, sequences, self.tokenizer.pad_token_id).cpu()
-
-    def _generate(self, records: list, *, greedy: bool = False) -> list:
-        """The n samples of each record's prompt (``RolloutOutput`` per record; ``greedy``: one greedy response
-        each); no prompts, no samples (a rank with nothing to sample still joins FSDP's gather, a collective)."""
-        cfg = self.config
-        eos = self.tokenizer.eos_token_id
-        params = SamplingParams(n=1 if greedy else cfg.n_samples, temperature=0.0 if greedy else cfg.temperature,
-                                top_p=1.0 if greedy else cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, stop_token_ids=(eos,) if eos is not None else (),
-                                seed=self.rng.randrange(2**31))
-        self.rollout_weights.refresh()  # a copy only when an optimizer step moved the master weights
-        with gathered(self.policy_module):  # FSDP: whole parameters for the rollout, freed after
-            if not records:
-                return []
-            return self.engine.generate([self._encode_prompt(r.prompt) for r in records], params)
-
-    def _score_groups(self, groups: list) -> tuple[torch.Tensor, int, dict]:
-        """(scores [samples], reward errors, reward_fn extras) of ``groups`` [(record, RolloutOutput)]."""
-        eos = self.tokenizer.eos_token_id
-        samples = [(record, out, s) for record, out in groups for s in out.samples]
-        if self.scorer is None:
-            return self._model_scores([out.prompt_token_ids + s.token_ids for _, out, s in samples]), 0, {}
-        responses = [self.tokenizer.decode([t for t in s.token_ids if t != eos], skip_special_tokens=True)
-                     for _, _, s in samples]
-        return self.scorer.submit([r.prompt for r, _, _ in samples], responses,
-                                  [r.fields for r, _, _ in samples]).result()
-
-    def _sample_informative_groups(self, records: list, prompts: list) -> tuple[list, tuple | None, dict]:
-        """DAPO's dynamic sampling: groups whose n rewards are all equal carry no group advantage and are dropped;
-        fresh prompts (drawn from the run's prompts like the iteration's own) are sampled until this rank holds
-        as many groups as it was given, or ``max_sampling_rounds`` rounds have run. Every rank runs the same
-        rounds and keeps the same number of groups (the least any rank found), so the update's collectives
-        match. Returns (groups, (scores, errors, extras) of the kept samples, logged numbers)."""
-        cfg, n = self.config, self.config.n_samples
-        quota = len(records)
-        source = self._prompt_source or as_records(prompts, "prompts", "prompts")
-        kept, kept_scores, dropped, errors, extras, rounds, scored_rounds = [], [], 0, 0, {}, 0, 0
-        pool = records
-        while True:
-            rounds += 1
-            groups = list(zip(pool, self._generate(pool), strict=True))
-            if groups:
-                scores, round_errors, round_extras = self._score_groups(groups)
-                errors += round_errors
-                scored_rounds += 1
-                extras = {k: extras.get(k, 0.0) + v for k, v in round_extras.items()}
-                for g, group in enumerate(groups):
-                    if len(kept) == quota:
-                        break
-                    group_scores = scores[g * n : (g + 1) * n]
-                    if bool((group_scores == group_scores[0]).all()):
-                        dropped += 1
-                    else:
-                        kept.append(group)
-                        kept_scores.append(group_scores)
-            (missing,) = self.dist.all_reduce([float(quota - len(kept))])
-            if missing == 0 or rounds >= cfg.max_sampling_rounds:
-                break
-            # every rank draws the same global prompts (the RNG stays in step) and samples its share if it needs any
-            draw = [self.rng.choice(source) for _ in range(cfg.prompts_per_iteration)]
-            pool = self.dist.shard(draw) if len(kept) < quota else []
-        common = -self.dist.reduce_stats({}, {"fewest": -float(len(kept))})["fewest"]
-        kept, kept_scores = kept[: int(common)], kept_scores[: int(common)]
-        stats = {"sampling_rounds": float(rounds), "groups_kept": float(len(kept)), "groups_dropped": float(dropped)}
-        if not kept:
-            return [], None, stats
-        extras = {k: v / scored_rounds for k, v in extras.items()}  # means over the rounds' batches
-        return kept, (torch.cat(kept_scores), errors, extras), stats
-
-    # ------------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> dict:
-        """Generates, scores and prepares one iteration's batch (everything the update needs)."""
-        cfg = self.config
-        t0 = time.perf_counter()
-        records = self.dist.shard(as_records(prompts, "prompts", "prompts"))  # each rank its own prompts
-        eos = self.tokenizer.eos_token_id
-        if cfg.dynamic_sampling:
-            groups, scored, sampling_stats = self._sample_informative_groups(records, prompts)
-        else:
-            groups, scored, sampling_stats = list(zip(records, self._generate(records), strict=True)), None, {}
-        baseline = None
-        if cfg.algorithm == "remax":  # ReMax (arXiv 2310.10505): the reward of a greedy response per prompt
-            baseline, _, _ = self._score_groups(list(zip(records, self._generate(records, greedy=True), strict=True)))
-            sampling_stats["baseline_reward_mean"] = baseline.float().mean().item()
-        rollout_seconds = time.perf_counter() - t0
-        if not groups:  # dynamic sampling found no group with a reward signal on some rank: nothing to learn from
-            return {"batch": None, "stats": self._reduce(sampling_stats), "responses": [], "prompts": [],
-                    "scores": torch.zeros(0), "skip": True}
-        rows, texts_p, texts_r, fields = [], [], [], []
-        for record, out in groups:
-            for s in out.samples:
-                rows.append((out.prompt_token_ids, s))
-                texts_p.append(record.prompt)
-                fields.append(record.fields)
-                texts_r.append(self.tokenizer.decode([t for t in s.token_ids if t != eos], skip_special_tokens=True))
-        # with reward workers the scores are computed while the log-prob passes below run
-        pending = self.scorer.submit(texts_p, texts_r, fields) if self.scorer is not None and scored is None else None
-        width = max(len(p) + len(s.token_ids) for p, s in rows)
-        b = len(rows)
-        input_ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((b, width), dtype=torch.long)
-        targets = torch.full((b, width - 1), -100, dtype=torch.long)
-        rollout_logp = torch.zeros((b, width - 1))
-        last = torch.zeros(b, dtype=torch.long)
-        for i, (p, s) in enumerate(rows):
-            seq = p + s.token_ids
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            attention_mask[i, : len(seq)] = 1
-            targets[i, len(p) - 1 : len(seq) - 1] = torch.tensor(s.token_ids)
-            rollout_logp[i, len(p) - 1 : len(seq) - 1] = torch.tensor(s.logprobs)
-            last[i] = len(seq) - 2
-        mask = targets != -100
-        truncated = torch.tensor([s.finish_reason == "length" for _, s in rows])
-        response_lengths = torch.tensor([len(s.token_ids) for _, s in rows])
-        device = next(self.policy.parameters()).device
-        input_ids, attention_mask, targets = input_ids.to(device), attention_mask.to(device), targets.to(device)
-        # NOTE: an on-policy update (one epoch, one minibatch) has old = detached current log-probs (ratio 1), so
-        # its own forward gives them; the KL in the reward, though, needs them before the update.
-        on_policy = (cfg.reuse_logprobs and cfg.ppo_epochs == 1
-                     and not (cfg.algorithm in KL_IN_REWARD and cfg.kl_in_reward)
-                     and cfg.prompts_per_iteration * cfg.n_samples <= cfg.minibatch_size)
-        prompt_len = torch.tensor([len(p) for p, _ in rows], device=device)
-        old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets,
-                                                         prompt_len=prompt_len)
-        ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets, prompt_len=prompt_len)
-        if scored is not None:  # dynamic sampling scored the groups already
-            scores, reward_errors, reward_extras = scored
-        elif pending is not None:
-            scores, reward_errors, reward_extras = pending.result()
-        else:
-            scores, reward_errors, reward_extras = self._model_scores([p + s.token_ids for p, s in rows]), 0, {}
-        scores = scores.to(device)
-        (bad_rewards,) = self.dist.all_reduce([float(not bool(torch.isfinite(scores).all()))])
-        if bad_rewards:
-            if not cfg.skip_nonfinite:
-                raise FloatingPointError(f"iteration {self.iteration}: a reward is not finite (NaN or inf from the "
-                                         f"reward model or reward_fn); fix the reward, or set skip_nonfinite: true")
-            scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)  # the update is skipped anyway
-        raw_scores = scores
-        if cfg.overlong_buffer:  # DAPO: a soft punishment inside the last overlong_buffer tokens
-            scores = scores + overlong_penalty(response_lengths, cfg.max_new_tokens, cfg.overlong_buffer,
-                                               cfg.overlong_penalty).to(device)
-        mask, rollout_logp, last = mask.to(device), rollout_logp.to(device), last.to(device)
-        truncated = truncated.to(device)
-        sample_logp = rollout_logp if on_policy else old_logp
-        kl = kl_penalty(sample_logp, ref_logp, cfg.kl_reward_kind) * mask
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, targets=targets, mask=mask,
-                     ref_logp=ref_logp, rollout_logp=rollout_logp, prompt_len=prompt_len,
-                     # the policy loss's mask: mask_truncated drops completions cut at max_new_tokens
-                     loss_mask=mask & ~truncated[:, None] if cfg.mask_truncated else mask)
-        if not on_policy:
-            batch["old_logp"] = old_logp
-        if cfg.algorithm == "ppo":
-            with self._autocast():
-                values = self.critic_module(input_ids, attention_mask)[:, :-1] * mask
-            rewards = torch.zeros_like(ref_logp)
-            rewards[torch.arange(b, device=device), last] = scores
-            if cfg.kl_in_reward:
-                rewards = rewards - self.kl_reward_coef * kl
-            advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            batch.update(values=values, returns=returns)
-            # how much of the returns' variance the critic explains (1 perfect, 0 a constant guess, < 0 worse)
-            unexplained = masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
-            explained_variance = 1.0 - float(unexplained)
-        elif cfg.algorithm == "reinforce++":  # G_t = r_t + gamma G_{t+1} of the KL-shaped token rewards
-            rewards = torch.zeros_like(ref_logp)
-            rewards[torch.arange(b, device=device), last] = scores
-            if cfg.kl_in_reward:
-                rewards = rewards - self.kl_reward_coef * kl
-            advantages = reinforce_pp_returns(rewards, mask, cfg.gamma, whiten=False)  # whitened below, globally
-        elif cfg.algorithm == "remax":  # each sample's reward minus its prompt's greedy sample's
-            advantages = (scores - baseline.to(device).repeat_interleave(cfg.n_samples))[:, None] * mask
-        else:
-            group = group_advantages(scores, cfg.n_samples, kind=cfg.algorithm)
-            advantages = group[:, None].expand_as(ref_logp) * mask
-        if cfg.whiten_advantages:
-            advantages = self._whiten(advantages, mask)
-        batch["advantages"] = advantages
-        # logged KL: k3 (exp(r) - 1 - r with r = ref - logp, >= 0 token by token) summed per sequence; k1, the
-        # reward's default estimator, is unbiased but a batch mean of it can be negative
-        # (clamped at 0: exp(r) - 1 - r can round to -1e-8 for a tiny r in fp32)
-        seq_kl_k3 = (kl_penalty(sample_logp, ref_logp, "k3").clamp(min=0) * mask).sum(-1).mean()
-        stats = {
-            "reward_mean": raw_scores.mean().item(),
-            "reward_std": raw_scores.std().item() if b > 1 else 0.0,
-            "kl": seq_kl_k3.item(),
-            # kl_reward_kind per sequence: what the reward subtracts and the adaptive controller reads
-            "kl_reward": kl.sum(-1).mean().item(),
-            "response_length": mask.sum(-1).float().mean().item(),
-            "truncated": truncated.float().mean().item(),  # share of samples cut at max_new_tokens
-            "rollout_seconds": rollout_seconds,
-            "tokens_per_s": self.engine.stats["decode_tokens"] / max(rollout_seconds, 1e-9),
-        }
-        if self.config.reward_on_error is not None:
-            stats["reward_errors"] = float(reward_errors)  # samples scored reward_on_error
-        if cfg.overlong_buffer:
-            stats["overlong_penalty"] = (scores - raw_scores).mean().item()
-        stats.update({f"reward/{k}": v for k, v in reward_extras.items()})  # a reward_fn's own logged numbers
-        stats.update(sampling_stats)
-        if not on_policy:  # else the update measures it on its own forward
-            stats["logprob_mismatch_max"] = ((old_logp - rollout_logp).abs() * mask).max().item()
-        if cfg.algorithm == "ppo":
-            stats["explained_variance"] = explained_variance
-        return {"batch": batch, "stats": self._reduce(stats), "responses": texts_r, "prompts": texts_p,
-                "scores": scores, "skip": bool(bad_rewards)}
 
     def _reduce(self, stats: dict) -> dict:
         """Means over ranks (every rank holds the same number of samples), sums for rates, max for maxima."""
