@@ -6,7 +6,8 @@
     rlhf-engine ppo  --config ppo.yaml  [--key value ...]     PPO (critic + GAE) against a reward model or function
     rlhf-engine grpo --config grpo.yaml [--key value ...]     GRPO (group advantages, no critic)
     rlhf-engine rloo --config rloo.yaml [--key value ...]     RLOO (leave-one-out baseline, no critic)
-    rlhf-engine reinforce++ / remax [--key value ...]         REINFORCE++, ReMax (no critic)
+    rlhf-engine reinforce++ --config reinforce_pp.yaml        REINFORCE++ (KL-shaped returns, no critic)
+    rlhf-engine remax --config remax.yaml                     ReMax (greedy baseline, no critic)
     rlhf-engine demo [--task story|arithmetic] [--out DIR] [--steps N] [--phase ...] [--algo ppo|grpo|rloo|...]
                      [--policy-loss ppo|gspo|cispo|sapo]
 

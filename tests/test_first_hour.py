@@ -103,9 +103,13 @@ def test_example_configs_write_to_their_own_output_dirs():
 
     root = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
     outputs = {}
-    for phase in ("sft", "rm", "dpo", "ppo", "grpo", "rloo"):
-        defaults = {"algorithm": phase} if phase in ("ppo", "grpo", "rloo") else None
-        config = load_config(_config_class(phase), os.path.join(root, f"{phase}.yaml"), defaults=defaults)
+    files = {"reinforce++": "reinforce_pp"}
+    for phase in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce++", "remax"):
+        defaults = {"algorithm": phase} if phase in ("ppo", "grpo", "rloo", "reinforce++", "remax") else None
+        path = os.path.join(root, f"{files.get(phase, phase)}.yaml")
+        config = load_config(_config_class(phase), path, defaults=defaults)
+        if defaults:
+            assert config.algorithm == phase
         config.require("model", "data", "output_dir")
         outputs[phase] = config.output_dir
     assert len(set(outputs.values())) == len(outputs), outputs
