@@ -17,6 +17,7 @@ A sequence without an unmasked token is not counted; a batch without one gives 0
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, 
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, all_reduce=None
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> torch.Tensor:
     """Whitening over the unmasked entries: (values - mean) / sqrt(var + eps), masked entries give 0.
 
