@@ -9,6 +9,9 @@ once and nothing of size V is written. Backward: the row is read again and the g
 
 is written straight into the gradient tensor (in the logits' dtype): no [N, V] fp32 buffer is ever kept.
 
+Logit transforms are fused in both passes: z = x * s with s = logit_scale / T, or with final soft-capping
+(Gemma 2) z = (cap / T) tanh(x logit_scale / cap), whose gradient carries the extra factor 1 - tanh^2.
+
 Rows whose target equals ``ignore_index`` give 0 and a zero gradient row. Programs stride over rows, so any
 number of rows fits in one launch (CUDA caps grid dimensions; see Liger-Kernel issue 1294).
 """
@@ -23,6 +26,23 @@ MAX_PROGRAMS = 65535
 
 
 @triton.jit
+def _tanh(y):
+    """tanh from one exp of a non-positive number: no overflow, exact sign, tanh(+-inf) = +-1."""
+    e = tl.exp(-2.0 * tl.abs(y))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0.0, -t, t)
+
+
+@triton.jit
+def _transform(x, inv_temperature, pre_scale, post_scale, SOFTCAP: tl.constexpr):
+    """(z, dz/dx) of raw logits x (fp32): x * inv_temperature, or post_scale tanh(pre_scale x) with SOFTCAP."""
+    if SOFTCAP:
+        t = _tanh(x * pre_scale)
+        return t * post_scale, inv_temperature * (1.0 - t * t)
+    return x * inv_temperature, inv_temperature
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr,  # [N, V] fp32/bf16/fp16, last dim contiguous
     logits_row_stride,
@@ -32,9 +52,12 @@ def _token_logprobs_fwd_kernel(
     entropy_ptr,  # [N] fp32 out: -sum p log p (written only when RETURN_ENTROPY)
     n_rows,
     n_cols,
-    inv_temperature,
+    inv_temperature,  # logit_scale / T: dz/dx without soft-capping
+    pre_scale,  # logit_scale / cap (SOFTCAP)
+    post_scale,  # cap / T (SOFTCAP)
     ignore_index,
     RETURN_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -53,7 +76,10 @@ def _token_logprobs_fwd_kernel(
             t = 0.0
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
-                z = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32) * inv_temperature
+                x = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+                z, _ = _transform(x, inv_temperature, pre_scale, post_scale, SOFTCAP)
+                if SOFTCAP:  # the cap bounds -inf padding too: keep it out of the row
+                    z = tl.where(cols < n_cols, z, -float("inf"))
                 m_new = tl.maximum(m, tl.max(z, axis=0))
                 scale = tl.exp(m - m_new)
                 e = tl.exp(z - m_new)
@@ -63,7 +89,8 @@ def _token_logprobs_fwd_kernel(
                     t = t * scale + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=0)
                 m = m_new
             lse = m + tl.log(s)
-            z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
+            z_target, _ = _transform(tl.load(row_ptr + target).to(tl.float32), inv_temperature, pre_scale,
+                                     post_scale, SOFTCAP)
             tl.store(logp_ptr + row, z_target - lse)
             tl.store(lse_ptr + row, lse)
             if RETURN_ENTROPY:
@@ -84,8 +111,11 @@ def _token_logprobs_bwd_kernel(
     n_rows,
     n_cols,
     inv_temperature,
+    pre_scale,
+    post_scale,
     ignore_index,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -108,14 +138,15 @@ def _token_logprobs_bwd_kernel(
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 col_mask = cols < n_cols
-                z = tl.load(row_ptr + cols, mask=col_mask, other=-float("inf")).to(tl.float32) * inv_temperature
+                x = tl.load(row_ptr + cols, mask=col_mask, other=-float("inf")).to(tl.float32)
+                z, dz = _transform(x, inv_temperature, pre_scale, post_scale, SOFTCAP)
                 log_p = z - lse
                 p = tl.exp(log_p)
                 grad = tl.where(cols == target, g, 0.0) - g * p
                 if HAS_GRAD_ENTROPY:
                     # p log p = 0 where p == 0 (log p may be -inf there)
                     grad -= g_ent * p * (tl.where(p > 0.0, log_p, 0.0) + entropy)
-                grad = grad * inv_temperature
+                grad = grad * dz
                 tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -126,8 +157,11 @@ def _launch_config(n_rows: int, n_cols: int):
     return grid, block_v, num_warps
 
 
-def token_logprobs_forward(logits, targets, inv_temperature: float, ignore_index: int, return_entropy: bool):
-    """logits [N, V] (stride(1) == 1), targets [N] int64 -> (logp [N], lse [N], entropy [N] or None), fp32."""
+def token_logprobs_forward(logits, targets, inv_temperature: float, ignore_index: int, return_entropy: bool,
+                          softcap=None):
+    """logits [N, V] (stride(1) == 1), targets [N] int64 -> (logp [N], lse [N], entropy [N] or None), fp32.
+    ``inv_temperature`` is logit_scale / T; ``softcap`` (pre_scale, post_scale) = (logit_scale / cap, cap / T)."""
+    pre_scale, post_scale = softcap if softcap is not None else (1.0, 1.0)
     n_rows, n_cols = logits.shape
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = logp.new_empty(n_rows)
@@ -143,8 +177,11 @@ def token_logprobs_forward(logits, targets, inv_temperature: float, ignore_index
         n_rows,
         n_cols,
         inv_temperature,
+        pre_scale,
+        post_scale,
         ignore_index,
         RETURN_ENTROPY=return_entropy,
+        SOFTCAP=softcap is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -152,9 +189,11 @@ def token_logprobs_forward(logits, targets, inv_temperature: float, ignore_index
 
 
 def token_logprobs_backward(
-    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature: float, ignore_index: int, inplace=False
+    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature: float, ignore_index: int, inplace=False,
+    softcap=None,
 ):
-    """Gradient w.r.t. logits [N, V], in the logits' dtype. grad_entropy may be None (entropy unused).
+    """Gradient w.r.t. logits [N, V], in the logits' dtype. grad_entropy may be None (entropy unused); the logit
+    transform as in ``token_logprobs_forward``.
 
     With ``inplace`` the gradient overwrites ``logits`` (contiguous): each tile is read before it is written.
     """
@@ -164,6 +203,7 @@ def token_logprobs_backward(
     else:
         grad_logits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     has_grad_entropy = grad_entropy is not None
+    pre_scale, post_scale = softcap if softcap is not None else (1.0, 1.0)
     grid, block_v, num_warps = _launch_config(n_rows, n_cols)
     _token_logprobs_bwd_kernel[grid](
         logits,
@@ -178,8 +218,11 @@ def token_logprobs_backward(
         n_rows,
         n_cols,
         inv_temperature,
+        pre_scale,
+        post_scale,
         ignore_index,
         HAS_GRAD_ENTROPY=has_grad_entropy,
+        SOFTCAP=softcap is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )

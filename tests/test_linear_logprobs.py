@@ -84,9 +84,9 @@ def spy_chunk_buffers(monkeypatch):
     calls = []
     original = ops_logprobs._head_logits_into
 
-    def spy(h, weight, bias, inv_temperature, out):
+    def spy(h, weight, bias, inv_temperature, out, softcap=None):
         calls.append(out.data_ptr())
-        return original(h, weight, bias, inv_temperature, out)
+        return original(h, weight, bias, inv_temperature, out, softcap)
 
     monkeypatch.setattr(ops_logprobs, "_head_logits_into", spy)
     return calls

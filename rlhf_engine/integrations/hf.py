@@ -24,10 +24,6 @@ import torch
 
 from rlhf_engine.models.heads import CausalLMLogprobs, position_ids_for
 
-# Config attributes of architectures whose logits are not plain ``head(hidden)``: the adapter would be wrong on
-# them, so it refuses (Gemma 2/3 soft-capping, Cohere/Granite/MiniCPM/Falcon-H1 scaling).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                     "lm_head_multiplier")
 _MASK_DTYPES = "bool or an integer dtype"
 
 
@@ -73,15 +69,6 @@ def _check_model(model):
     body = getattr(model, "base_model", None)
     if body is None or body is model:
         raise ValueError(f"{op}: model ({name}) exposes no transformer body as model.base_model")
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in _LOGIT_TRANSFORMS:
-        value = getattr(text_config, attr, None)
-        if value is not None and value != 1.0:
-            raise ValueError(
-                f"{op}: model ({name}) sets {attr}={value!r}, so its logits are not head(hidden), which this adapter "
-                f"computes; use token_logprobs(model(...).logits[:, :-1], ...) instead"
-            )
     return head
 
 
@@ -100,13 +87,15 @@ def logprobs_from_model(
     right padding), response_mask [B, T] (bool or integer, 1 = a token whose log-prob is wanted), all on the
     model's device. Returns logp [B, T-1] fp32, or ``(logp, entropy)`` [B, T-1] fp32 with ``return_entropy``:
 
-        logp[b, t]    = log softmax(head(h[b, t]) / temperature)[input_ids[b, t + 1]]
+        logp[b, t]    = log softmax(transform(head(h[b, t])) / temperature)[input_ids[b, t + 1]]
         entropy[b, t] = -sum_v p_v log p_v of that tempered distribution
 
     where h is the body's last hidden state with position ids counted over the real tokens (``position_ids_for``,
     as generation uses them), so left padding does not shift positions. Positions whose next token is not in the
     response (or is padding) are 0 and get no gradient. Gradients flow to the body and the LM head (bias too).
-    Models that transform their logits beyond head(hidden) (soft-capping, logit scales) raise a ValueError.
+    Models that transform their logits beyond head(hidden) get the same transform, fused: final logit
+    soft-capping (Gemma 2/3) and logit scales (Granite, Cohere, Falcon-H1), read from the config
+    (``models.heads.logit_transform``).
     """
     _check_inputs(input_ids, attention_mask, response_mask, temperature)
     head = _check_model(model)

@@ -38,6 +38,27 @@ def _strip(state_dict: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+# Config attributes that transform a causal LM's logits beyond head(hidden), as its own forward applies them (the
+# scales first, then the soft cap): (attribute, how it enters logit_scale)
+_LOGIT_SCALES = (("logit_scale", "mul"),          # Cohere: logits * logit_scale
+                 ("logits_scaling", "div"),       # Granite: logits / logits_scaling
+                 ("lm_head_multiplier", "mul"),   # Falcon-H1: lm_head(h) * lm_head_multiplier
+                 ("output_multiplier", "mul"))    # MuseGlimmer: scaled, then Gemma-style soft-capped
+
+
+def logit_transform(config) -> dict:
+    """``{"softcap": ..., "logit_scale": ...}`` for ``linear_logprobs`` from a transformers config: final logit
+    soft-capping (Gemma 2/3 ``final_logit_softcapping``) and the product of the logit scales above (1.0 and None
+    for a plain ``head(hidden)``)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    for attr, how in _LOGIT_SCALES:
+        value = getattr(text, attr, None)
+        if value is not None:
+            scale = scale * value if how == "mul" else scale / value
+    return {"softcap": getattr(text, "final_logit_softcapping", None), "logit_scale": float(scale)}
+
+
 class CausalLMLogprobs(nn.Module):
     """A transformers causal LM whose forward returns per-token log-probs through ``linear_logprobs``.
 
@@ -48,6 +69,7 @@ class CausalLMLogprobs(nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        self.transform = logit_transform(lm.config)  # soft-capping, logit scales: fused into linear_logprobs
 
     def forward(self, input_ids, attention_mask, targets, *, position_ids=None, temperature: float = 1.0,
                 return_entropy: bool = False, shared_prompts: tuple[int, list[int]] | None = None):
@@ -65,7 +87,7 @@ class CausalLMLogprobs(nn.Module):
                                  use_cache=False)
         head = self.lm.get_output_embeddings()
         result = linear_logprobs(out.last_hidden_state[:, :-1], head.weight, targets, bias=head.bias,
-                                 temperature=temperature, return_entropy=return_entropy)
+                                 temperature=temperature, return_entropy=return_entropy, **self.transform)
         # NOTE: the op returns views of its flat outputs; this module is what FSDP2 wraps, and FSDP2 warns on a view
         # output (an in-place op on it would skip its hooks), so [B, T-1] floats are copied once
         return tuple(t.clone() for t in result) if return_entropy else result.clone()
@@ -105,7 +127,7 @@ class CausalLMLogprobs(nn.Module):
         response_targets = torch.where(in_response, targets.gather(1, target_index), -100)
         head = self.lm.get_output_embeddings()
         out = linear_logprobs(hidden, head.weight, response_targets, bias=head.bias, temperature=temperature,
-                              return_entropy=return_entropy)
+                              return_entropy=return_entropy, **self.transform)
         results = out if return_entropy else (out,)
         scattered = []
         for values in results:  # back to target space [B, T-1]; prompt and padding positions stay 0

@@ -46,18 +46,32 @@ def _chunk_rows(n_rows: int, n_cols: int, chunk_size: int | None) -> int:
 # NOTE: on 2 shared cores each parallel op (over ~32K elements) may wait a scheduler slice (~5 ms) for its second
 # thread, so the loops keep them few: fused (log_)softmax kernels rather than sub/exp passes, [m, H] row scales
 # applied once over all rows, and the [m, V] chunk never scaled by the upstream gradient.
-def _tempered_into(x, inv_temperature, out):
-    """out [m, V] fp32 <- x [m, V] (any float dtype) * inv_temperature; returns out."""
+def _tempered_into(x, inv_temperature, out, softcap=None):
+    """out [m, V] fp32 <- x [m, V] (any float dtype) * inv_temperature, or with ``softcap`` = (pre, post)
+    post * tanh(pre * x); returns out."""
+    if softcap is not None:
+        pre, post = softcap
+        torch.mul(x, pre, out=out) if x.dtype == torch.float32 else out.copy_(x).mul_(pre)
+        return out.tanh_().mul_(post)
     if x.dtype == torch.float32 and inv_temperature != 1.0:
         return torch.mul(x, inv_temperature, out=out)
     out.copy_(x)
     return out.mul_(inv_temperature) if inv_temperature != 1.0 else out
 
 
-def _head_logits_into(h, weight, bias, inv_temperature, out):
-    """out [m, V] fp32 <- (h [m, H] @ weight.T + bias) * inv_temperature; the matmul runs in h's dtype."""
+def _softcap_factor_into(z, softcap, out):
+    """out [m, V] <- 1 - tanh^2 = 1 - (z / post)^2 for the soft-capped z of ``_tempered_into``: with the row scale
+    logit_scale / T, d z / d x = row scale * out."""
+    return torch.div(z, softcap[1], out=out).square_().neg_().add_(1.0)
+
+
+def _head_logits_into(h, weight, bias, inv_temperature, out, softcap=None):
+    """out [m, V] fp32 <- (h [m, H] @ weight.T + bias) * inv_temperature (with ``softcap``: the transform of
+    ``_tempered_into``); the matmul runs in h's dtype."""
     if h.dtype != torch.float32:
-        return _tempered_into(F.linear(h, weight, bias), inv_temperature, out)
+        return _tempered_into(F.linear(h, weight, bias), inv_temperature, out, softcap)
+    if softcap is not None:
+        return _head_logits_into(h, weight, bias, softcap[0], out).tanh_().mul_(softcap[1])
     if bias is None and inv_temperature == 1.0:
         return torch.mm(h, weight.t(), out=out)
     # NOTE: the temperature rides on the GEMM's alpha/beta; beta=0 ignores out's old contents (NaN included).
@@ -103,7 +117,8 @@ def _row_scale(g, g_ent, inv_temperature):
     return g * -inv_temperature if g_ent is None else torch.full_like(g, -inv_temperature)
 
 
-def _torch_rows_forward(logits, targets, inv_temperature, ignore_index, return_entropy, chunk_rows=None):
+def _torch_rows_forward(logits, targets, inv_temperature, ignore_index, return_entropy, chunk_rows=None,
+                        softcap=None):
     """logits [N, V], targets [N] -> (logp [N], lse [N], entropy [N] or None), fp32."""
     n_rows, n_cols = logits.shape
     chunk_rows = _chunk_rows(n_rows, n_cols, chunk_rows)
@@ -119,8 +134,8 @@ def _torch_rows_forward(logits, targets, inv_temperature, ignore_index, return_e
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, min(n_rows, start + chunk_rows))
         z, out = logits[rows], buf[: rows.stop - start]
-        if z.dtype != torch.float32 or inv_temperature != 1.0:
-            z = _tempered_into(z, inv_temperature, out)
+        if z.dtype != torch.float32 or inv_temperature != 1.0 or softcap is not None:
+            z = _tempered_into(z, inv_temperature, out, softcap)
         logp[rows], lse[rows] = _log_softmax_into(z, safe_targets[rows], out)
         if return_entropy:
             entropy[rows] = _entropy(out, aux[: rows.stop - start])
@@ -131,7 +146,8 @@ def _torch_rows_forward(logits, targets, inv_temperature, ignore_index, return_e
 
 
 def _torch_rows_backward(
-    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, chunk_rows=None
+    logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, chunk_rows=None,
+    softcap=None,
 ):
     """Gradient w.r.t. logits [N, V] in the logits' dtype (0 on ignored rows); p is recomputed per chunk."""
     n_rows, n_cols = logits.shape
@@ -147,17 +163,22 @@ def _torch_rows_backward(
     shape = (chunk_rows, n_cols)
     buf = None if fp32 else torch.empty(shape, dtype=torch.float32, device=logits.device)
     aux = None if g_ent is None else torch.empty(shape, dtype=torch.float32, device=logits.device)
+    factor = None if softcap is None else torch.empty(shape, dtype=torch.float32, device=logits.device)
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, min(n_rows, start + chunk_rows))
         m = rows.stop - start
         z, out = logits[rows], grad_logits[rows] if fp32 else buf[:m]
-        if z.dtype != torch.float32 or inv_temperature != 1.0:
-            z = _tempered_into(z, inv_temperature, out)
+        if z.dtype != torch.float32 or inv_temperature != 1.0 or softcap is not None:
+            z = _tempered_into(z, inv_temperature, out, softcap)
+        if softcap is not None:
+            _softcap_factor_into(z, softcap, factor[:m])
         # p, or log p for the entropy term; one fused kernel either way
         (torch.softmax if g_ent is None else torch.log_softmax)(z, dim=1, out=out)
         q = _dlogits_(out, safe_targets[rows], g[rows], None if g_ent is None else g_ent[rows],
                       None if aux is None else aux[:m])
         q.mul_(s[rows, None])
+        if softcap is not None:
+            q.mul_(factor[:m])
         if not fp32:
             grad_logits[rows].copy_(q)
     return grad_logits
@@ -166,20 +187,22 @@ def _torch_rows_backward(
 # ----------------------------------------------------------------------------------------------------------------
 # Backend-agnostic row forward/backward
 # ----------------------------------------------------------------------------------------------------------------
-def _triton_rows_forward(logits, targets, inv_temperature, ignore_index, return_entropy, chunk_rows=None):
+def _triton_rows_forward(logits, targets, inv_temperature, ignore_index, return_entropy, chunk_rows=None,
+                         softcap=None):
     from rlhf_engine.kernels import logprobs as kernels
 
-    return kernels.token_logprobs_forward(logits, targets, inv_temperature, ignore_index, return_entropy)
+    return kernels.token_logprobs_forward(logits, targets, inv_temperature, ignore_index, return_entropy, softcap)
 
 
 def _triton_rows_backward(
     logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, chunk_rows=None,
-    inplace=False,
+    inplace=False, softcap=None,
 ):
     from rlhf_engine.kernels import logprobs as kernels
 
     return kernels.token_logprobs_backward(
-        logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, inplace=inplace
+        logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, inplace=inplace,
+        softcap=softcap,
     )
 
 
@@ -189,12 +212,14 @@ _ROWS_BACKWARD = {"torch": _torch_rows_backward, "triton": _triton_rows_backward
 
 class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, inv_temperature, ignore_index, return_entropy, op_name):
+    def forward(ctx, logits, targets, inv_temperature, ignore_index, return_entropy, op_name, softcap):
         # logits [N, V] (last dim contiguous), targets [N] int64
         backend, (logp, lse, entropy) = _dispatch.run(
-            op_name, (logits, targets), _ROWS_FORWARD, logits, targets, inv_temperature, ignore_index, return_entropy
+            op_name, (logits, targets), _ROWS_FORWARD, logits, targets, inv_temperature, ignore_index, return_entropy,
+            softcap=softcap,
         )
         ctx.backend, ctx.inv_temperature, ctx.ignore_index = backend, inv_temperature, ignore_index
+        ctx.softcap = softcap
         ctx.op_name = op_name
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, targets, lse, entropy)
@@ -204,16 +229,16 @@ class _TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         logits, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 6
+            return (None,) * 7
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         grad_logits = _dispatch.launch(
             f"{ctx.op_name} (backward)", ctx.backend, (logits, targets), _ROWS_BACKWARD[ctx.backend],
             logits, targets, lse, entropy, grad_logp.float().contiguous(), grad_entropy, ctx.inv_temperature,
-            ctx.ignore_index,
+            ctx.ignore_index, softcap=ctx.softcap,
         )
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,7 +272,8 @@ def _head_grads(q, hs, s, weight, grad_h, grad_w, grad_b):
 class _LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, return_entropy, chunk_size, keep, op_name
+        ctx, hidden, weight, bias, targets, inv_temperature, ignore_index, return_entropy, chunk_size, keep, op_name,
+        softcap,
     ):
         # hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64; keep: a backward may follow
         n_rows, vocab_size = hidden.shape[0], weight.shape[0]
@@ -264,7 +290,9 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         backend, _ = _dispatch.select_backend(op_name, hidden, weight)
         torch_path = backend == "torch"
         chunk_bytes = chunk_rows * vocab_size * 4
-        budget = min(CACHE_MAX_BYTES, CACHE_FRACTION * n_valid * vocab_size * 4) if keep and torch_path else 0
+        # (soft-capping needs tanh in the backward, which log p does not give back: no cache then)
+        cached = keep and torch_path and softcap is None
+        budget = min(CACHE_MAX_BYTES, CACHE_FRACTION * n_valid * vocab_size * 4) if cached else 0
         first_cached = len(bounds) - min(len(bounds), int(budget // chunk_bytes))
         logp_v = torch.empty(n_valid, dtype=torch.float32, device=hidden.device)
         lse_v = torch.empty_like(logp_v)
@@ -278,11 +306,11 @@ class _LinearLogprobsFunction(torch.autograd.Function):
                 logits_c = F.linear(h[rows], weight, bias)  # [m, V]
                 logp_v[rows], lse_v[rows], ent_c = _dispatch.launch(
                     op_name, backend, (hidden, weight), _triton_rows_forward,
-                    logits_c, t[rows], inv_temperature, ignore_index, return_entropy,
+                    logits_c, t[rows], inv_temperature, ignore_index, return_entropy, softcap=softcap,
                 )
             else:
                 buf = torch.empty(shape, dtype=torch.float32, device=h.device) if buf is None else buf
-                z = _head_logits_into(h[rows], weight, bias, inv_temperature, buf[: end - start])
+                z = _head_logits_into(h[rows], weight, bias, inv_temperature, buf[: end - start], softcap)
                 logp_v[rows], lse_v[rows] = _log_softmax_into(z, t[rows], z)
                 ent_c = _entropy(z, aux[: end - start]) if return_entropy else None
                 if i >= first_cached:
@@ -295,6 +323,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
             entropy.index_copy_(0, valid_idx, ent_v)
         ctx.backend, ctx.bounds, ctx.cache, ctx.n_rows, ctx.op_name = backend, bounds, cache, n_rows, op_name
         ctx.inv_temperature, ctx.ignore_index, ctx.has_bias = inv_temperature, ignore_index, bias is not None
+        ctx.softcap = softcap
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, weight, bias, t, valid_idx, lse_v, ent_v)
         return (logp, entropy) if return_entropy else logp
@@ -305,7 +334,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         cache, ctx.cache = ctx.cache, []  # used up in place: a second backward (retain_graph) recomputes
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
+            return (None,) * 11
         n_valid, vocab_size = h.shape[0], weight.shape[0]
         invt, torch_path, bounds = ctx.inv_temperature, ctx.backend == "torch", ctx.bounds
         g = torch.zeros(n_valid, dtype=torch.float32, device=h.device)
@@ -322,6 +351,8 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         grad_b = torch.zeros(vocab_size, dtype=torch.float32, device=weight.device) if need_b else None
         shape = (bounds[0][1] if bounds else 0, vocab_size)
         aux = torch.empty(shape, dtype=torch.float32, device=h.device) if g_ent is not None and torch_path else None
+        softcap = ctx.softcap
+        factor = torch.empty(shape, dtype=torch.float32, device=h.device) if softcap and torch_path else None
         first_cached = len(bounds) - len(cache)
         buf = None
         # NOTE: the cached chunks go first (last chunk first): each one, once used, becomes the work buffer.
@@ -334,7 +365,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
                 q = _dispatch.launch(
                     f"{ctx.op_name} (backward)", ctx.backend, (h, weight), _triton_rows_backward,
                     F.linear(h[rows], weight, bias), t[rows], lse_v[rows], None if ent_v is None else ent_v[rows],
-                    g[rows], g_ent_c, invt, ctx.ignore_index, inplace=True,
+                    g[rows], g_ent_c, invt, ctx.ignore_index, inplace=True, softcap=softcap,
                 )  # d loss / d logits [m, V], the logits' dtype
             else:
                 if i >= first_cached:
@@ -344,10 +375,14 @@ class _LinearLogprobsFunction(torch.autograd.Function):
                         x.exp_()
                 else:
                     buf = torch.empty(shape, dtype=torch.float32, device=h.device) if buf is None else buf
-                    x = _head_logits_into(h[rows], weight, bias, invt, buf[: end - start])
+                    x = _head_logits_into(h[rows], weight, bias, invt, buf[: end - start], softcap)
+                    if softcap is not None:
+                        _softcap_factor_into(x, softcap, factor[: end - start])
                     # p, or log p for the entropy term; one fused kernel either way
                     (torch.softmax if g_ent is None else torch.log_softmax)(x, dim=1, out=x)
                 q = _dlogits_(x, t[rows], g[rows], g_ent_c, None if aux is None else aux[: end - start])
+                if softcap is not None:
+                    q.mul_(factor[: end - start])
             _head_grads(q, None if hs is None else hs[rows], None if s is None else s[rows], weight,
                         None if grad_h is None else grad_h[rows], grad_w, grad_b)
         grad_hidden = None
@@ -359,7 +394,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
                 grad_hidden = grad_h.new_zeros((ctx.n_rows, h.shape[1])).index_copy_(0, valid_idx, grad_h)
         grad_weight = grad_w.to(weight.dtype) if need_w else None
         grad_bias = grad_b.to(bias.dtype) if (need_b and ctx.has_bias) else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,6 +404,18 @@ def _check_temperature(op: str, temperature) -> float:
     if not isinstance(temperature, (int, float)) or not (temperature > 0.0) or temperature == float("inf"):
         raise ValueError(f"{op}: temperature must be a finite number > 0, found {temperature!r}")
     return 1.0 / float(temperature)
+
+
+def _logit_transform(op: str, temperature, softcap, logit_scale) -> tuple[float, tuple[float, float] | None]:
+    """(logit_scale / T, None) or, with soft-capping, (logit_scale / T, (logit_scale / cap, cap / T))."""
+    inv_temperature = _check_temperature(op, temperature)
+    for name, value in (("logit_scale", logit_scale), ("softcap", 1.0 if softcap is None else softcap)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value < float("inf")):
+            raise ValueError(f"{op}: {name} must be a finite number > 0 (or softcap None: no cap), found {value!r}")
+    scaled = float(logit_scale) * inv_temperature
+    if softcap is None:
+        return scaled, None
+    return scaled, (float(logit_scale) / float(softcap), float(softcap) * inv_temperature)
 
 
 def _check_targets(op: str, targets: torch.Tensor, expected_shape, vocab_size: int, ignore_index: int):
@@ -396,10 +443,13 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``log_softmax(logits / temperature)[..., target]`` per position, without materialising the log-softmax.
 
-    Math, with z = logits / temperature and p = softmax(z) over the last dimension:
+    Math, with z = logit_scale * logits / temperature, or with ``softcap`` (final logit soft-capping, Gemma 2)
+    z = softcap * tanh(logit_scale * logits / softcap) / temperature, and p = softmax(z) over the last dimension:
         logp    = z[target] - logsumexp(z)
         entropy = -sum_v p_v log p_v                       (only with ``return_entropy``)
 
@@ -414,7 +464,7 @@ def token_logprobs(
         raise TypeError(f"{op}: logits must be a floating tensor (fp32, bf16 or fp16), found {found}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"{op}: logits must have shape [..., V] with V >= 1, found {tuple(logits.shape)}")
-    inv_temperature = _check_temperature(op, temperature)
+    inv_temperature, cap = _logit_transform(op, temperature, softcap, logit_scale)
     vocab_size = logits.shape[-1]
     _check_targets(op, targets, logits.shape[:-1], vocab_size, ignore_index)
     if targets.device != logits.device:
@@ -424,7 +474,7 @@ def token_logprobs(
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     targets1d = targets.reshape(-1).to(torch.int64)
-    out = _TokenLogprobsFunction.apply(logits2d, targets1d, inv_temperature, ignore_index, return_entropy, op)
+    out = _TokenLogprobsFunction.apply(logits2d, targets1d, inv_temperature, ignore_index, return_entropy, op, cap)
     if return_entropy:
         return out[0].view(lead_shape), out[1].view(lead_shape)
     return out.view(lead_shape)
@@ -440,11 +490,14 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Token log-probs of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
 
     Math: logits = hidden weight^T + bias, then exactly ``token_logprobs(logits, targets, ...)``:
-        logp    = z[target] - logsumexp(z),  z = logits / temperature
+        logp    = z[target] - logsumexp(z),  z = logit_scale * logits / temperature, or with ``softcap``
+                                             z = softcap * tanh(logit_scale * logits / softcap) / temperature
         entropy = -sum_v p_v log p_v,        p = softmax(z)   (only with ``return_entropy``)
 
     Shapes: hidden [..., H], weight [V, H] (the LM head), bias [V] or None, targets [...] integer ids in [0, V)
@@ -471,7 +524,7 @@ def linear_logprobs(
         raise ValueError(f"{op}: bias must have shape [{vocab_size}], found {tuple(bias.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int, found {chunk_size!r}")
-    inv_temperature = _check_temperature(op, temperature)
+    inv_temperature, cap = _logit_transform(op, temperature, softcap, logit_scale)
     _check_targets(op, targets, hidden.shape[:-1], vocab_size, ignore_index)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -490,16 +543,21 @@ def linear_logprobs(
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     with torch.autocast(device_type, enabled=False):
         out = _LinearLogprobsFunction.apply(
-            hidden2d, weight, bias, targets1d, inv_temperature, ignore_index, return_entropy, chunk_size, keep, op
+            hidden2d, weight, bias, targets1d, inv_temperature, ignore_index, return_entropy, chunk_size, keep, op,
+            cap,
         )
     if return_entropy:
         return out[0].view(lead_shape), out[1].view(lead_shape)
     return out.view(lead_shape)
 
 
-def token_logprobs_reference(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+def token_logprobs_reference(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                             softcap=None, logit_scale=1.0):
     """The plain eager composition (materialises the fp32 log-softmax): the baseline and the test oracle."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    z = logits.float() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp_all = torch.log_softmax(z / temperature, dim=-1)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid
