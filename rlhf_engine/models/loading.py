@@ -27,6 +27,29 @@ def max_positions(model) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def enable_gradient_checkpointing(lm) -> None:
+    """transformers' own activation checkpointing on ``lm``'s decoder layers (non-reentrant, so it composes with
+    FSDP2 and with inputs that need no gradient): each layer keeps only its input and recomputes the rest in the
+    backward. Active only in training mode with gradients on; no-grad passes and generation run as before."""
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(lm).__name__} does not support it (transformers' "
+                         f"supports_gradient_checkpointing is False); drop the key for this model")
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x names it so; the old name warns
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpoint_in_eval_mode(lm) -> None:
+    """For models trained in eval mode (the PPO family: no dropout, so the training forward matches the
+    rollout's log-probs): transformers checkpoints a layer only when the layer itself is in training mode, so
+    only the checkpointing layers' own flag is set; their dropout and attention submodules stay in eval mode."""
+    for module in lm.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
 def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
     """``AutoModelForCausalLM.from_pretrained`` from a local directory (never the network)."""
     from transformers import AutoModelForCausalLM

@@ -121,8 +121,11 @@ class ExperienceMaker:
             module = CausalLMLogprobs(module)
         n = self.config.n_samples
         shared = None
-        # NOTE: not under FSDP: the shared path runs the body twice in one forward, untested with FSDP2's hooks
-        if prompt_len is not None and self.config.share_prompts and n > 1 and self.dist.strategy != "fsdp":
+        # NOTE: not under FSDP: the shared path runs the body twice in one forward, untested with FSDP2's hooks; nor
+        # under gradient checkpointing with gradients, which drops the prompt's cache the second forward reads
+        checkpointed = self.config.gradient_checkpointing and torch.is_grad_enabled()
+        if (prompt_len is not None and self.config.share_prompts and n > 1 and self.dist.strategy != "fsdp"
+                and not checkpointed):
             shared = (n, prompt_len[::n].tolist())
         with self._autocast():
             return module(input_ids, attention_mask, targets, position_ids=position_ids_for(attention_mask),

@@ -28,6 +28,7 @@ from rlhf_engine.checkpoint import load_checkpoint_state, save_checkpoint
 from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.distributed import DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel
+from rlhf_engine.models.loading import checkpoint_in_eval_mode, enable_gradient_checkpointing
 from rlhf_engine.ops import (
     AGG_MODES,
     POLICY_LOSSES,
@@ -221,6 +222,9 @@ class PPOTrainer(ExperienceMaker):
             raise ValueError(f"PPOConfig.prompts_per_iteration ({config.prompts_per_iteration}) and minibatch_size "
                              f"({config.minibatch_size}) must be multiples of the world size {world}")
         mixed = fsdp_mixed_precision(config.precision)
+        if config.gradient_checkpointing:  # after the reference copy: the frozen reference keeps its activations
+            for lm in (policy, critic.lm) if critic is not None else (policy,):
+                enable_gradient_checkpointing(lm)
         self.policy_module = wrap(CausalLMLogprobs(policy), self.dist, mixed_precision=mixed)
         self.critic_module = None
         if critic is not None:
@@ -268,6 +272,9 @@ class PPOTrainer(ExperienceMaker):
     def update(self, batch: dict) -> dict:
         """``ppo_epochs`` passes of minibatches over the policy loss (and the critic's value loss)."""
         cfg = self.config
+        if cfg.gradient_checkpointing:  # (again each update: the rollout's eval() / train() round trip resets it)
+            for lm in (self.policy, self.critic.lm) if self.critic is not None else (self.policy,):
+                checkpoint_in_eval_mode(lm)
         b = batch["input_ids"].shape[0]
         minibatch = cfg.minibatch_size // self.dist.world_size  # this rank's share of each global minibatch
         sums: dict[str, float] = {}
