@@ -86,6 +86,8 @@ def test_config_names_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="--agg-norm"):
         load_config(PPOConfig, None, ["--agg-norm", "many"])  # a wrong type still names its flag
     assert PPOConfig(algorithm="grpo", policy_loss="sapo").agg == "seq-mean-token-mean"
+    # Dr. GRPO's constant: max_new_tokens unless set (a padded width would differ between ranks)
+    assert PPOConfig(algorithm="grpo", agg="seq-mean-token-sum-norm", max_new_tokens=40).agg_norm == 40.0
     assert PPOConfig(algorithm="grpo", policy_loss="cispo").agg == "token-mean"
 
 
@@ -155,7 +157,7 @@ def test_dynamic_sampling_with_no_signal_skips_the_iteration(tmp_path):
     path = task.build_tiny_model_dir(str(tmp_path / "m"), vocab_size=len(tokenizer), seed=3, hidden_size=32)
     prompts = [task.format_prompt(p) + "#" for p in task.make_prompts(4, seed=0)]
     config = PPOConfig(algorithm="grpo", iterations=2, prompts_per_iteration=2, n_samples=2, max_new_tokens=6,
-                       dynamic_sampling=True, max_sampling_rounds=2, seed=0)
+                       dynamic_sampling=True, max_sampling_rounds=2, seed=0, adaptive_kl_target=0.1)
     trainer = PPOTrainer(load_causal_lm(path), tokenizer, config, reward_fn=flat_or_ascii)
     history = trainer.train(prompts, progress=False)
     assert [h["skipped_iteration"] for h in history] == [1.0, 1.0]

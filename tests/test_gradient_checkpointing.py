@@ -60,6 +60,8 @@ def test_grpo_with_gradient_checkpointing(model_dir, share_prompts):
         trainer = PPOTrainer(model, tokenizer, config, reward_fn=lambda p, r: [float(len(x) % 5) for x in r])
         firsts[checkpointing] = trainer.train(prompts, progress=False)[0]
         counts[checkpointing] = len(calls)
+        # the layers are back in eval mode after the update: a later no-grad pass keeps its KV cache
+        assert not any(m.training for m in model.modules())
     # the one training forward's layers ran again in the backward; the no-grad passes (old and reference
     # log-probs) ran as before
     if not share_prompts:

@@ -193,3 +193,15 @@ def test_reinforce_pp_and_remax_advantages(setup):
     expected = (out["scores"] - baseline.repeat_interleave(2))[:, None] * mask
     torch.testing.assert_close(out["batch"]["advantages"], expected)
     assert out["stats"]["baseline_reward_mean"] == pytest.approx(float(baseline.mean()))
+
+    # with overlong shaping the greedy baseline is shaped too: a sample as long as its greedy response gains 0
+    from rlhf_engine.trainers.experience import overlong_penalty
+
+    config = PPOConfig(algorithm="remax", n_samples=2, prompts_per_iteration=3, max_new_tokens=8,
+                       whiten_advantages=False, overlong_buffer=4, seed=0)
+    trainer = PPOTrainer(model, tokenizer, config, reward_fn=length_reward)
+    out = trainer.rollout(prompts)
+    lengths = torch.tensor([len(g.samples[0].token_ids) for g in greedy])
+    shaped = baseline + overlong_penalty(lengths, 8, 4, 1.0)
+    expected = (out["scores"] - shaped.repeat_interleave(2))[:, None] * out["batch"]["mask"]
+    torch.testing.assert_close(out["batch"]["advantages"], expected)

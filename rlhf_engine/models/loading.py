@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,13 +42,22 @@ def enable_gradient_checkpointing(lm) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def checkpoint_in_eval_mode(lm) -> None:
+@contextlib.contextmanager
+def checkpoint_in_eval_mode(*lms):
     """For models trained in eval mode (the PPO family: no dropout, so the training forward matches the
     rollout's log-probs): transformers checkpoints a layer only when the layer itself is in training mode, so
-    only the checkpointing layers' own flag is set; their dropout and attention submodules stay in eval mode."""
-    for module in lm.modules():
-        if getattr(module, "gradient_checkpointing", False):
-            module.training = True
+    inside this context only the checkpointing layers' own flag is set (their dropout and attention submodules
+    stay in eval mode), and it is put back after: a layer left in training mode would drop the KV cache of later
+    no-grad passes in transformers 4.x, which does not look at grad mode."""
+    layers = [m for lm in lms for m in lm.modules() if getattr(m, "gradient_checkpointing", False)]
+    before = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before, strict=True):
+            m.training = flag
 
 
 def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):

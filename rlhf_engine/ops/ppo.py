@@ -87,13 +87,14 @@ def masked_whiten(
 def _row_weights(row_mask_sum: torch.Tensor, agg: str, n_cols: int, agg_norm: float | None = None) -> torch.Tensor:
     """Weight of each row's sum_t(L m) in the aggregated loss: loss = sum_r w_r sum_t(L m).
 
-    NOTE: a zero count is clamped to the smallest normal float rather than branched on: its rows' sums are
-    exactly 0 (masks are >= 0), so their weight only needs to be finite; fewer small ops on the hot path.
+    A zero count gives a weight of 0, not 1 / 0 (nor 1 / tiny: the backward multiplies the weight by the upstream
+    gradient, which a loss scale makes large, and 0 * inf would be NaN).
     """
     n_rows = row_mask_sum.shape[0]
     tiny = torch.finfo(torch.float32).tiny
     if agg == "token-mean":
-        return row_mask_sum.sum().clamp(min=tiny).reciprocal().expand(n_rows)
+        total = row_mask_sum.sum()
+        return torch.where(total != 0, total.clamp(min=tiny).reciprocal(), 0.0).expand(n_rows)
     if agg == "token-sum":
         return torch.ones_like(row_mask_sum)
     if agg == "seq-mean-token-sum-norm":
@@ -103,7 +104,7 @@ def _row_weights(row_mask_sum: torch.Tensor, agg: str, n_cols: int, agg_norm: fl
     per_seq = counted.sum().clamp(min=1.0).reciprocal() * counted
     if agg == "seq-mean-token-sum":
         return per_seq
-    return per_seq / row_mask_sum.clamp(min=tiny)  # seq-mean-token-mean
+    return torch.where(row_mask_sum != 0, per_seq / row_mask_sum.clamp(min=tiny), 0.0)  # seq-mean-token-mean
 
 
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *,

@@ -232,8 +232,13 @@ class ExperienceMaker:
             groups, scored, sampling_stats = list(zip(records, self._generate(records), strict=True)), None, {}
         baseline = None
         if cfg.algorithm == "remax":  # ReMax (arXiv 2310.10505): the reward of a greedy response per prompt
-            baseline, _, _ = self._score_groups(list(zip(records, self._generate(records, greedy=True), strict=True)))
+            greedy = self._generate(records, greedy=True)
+            baseline, _, _ = self._score_groups(list(zip(records, greedy, strict=True)))
             sampling_stats["baseline_reward_mean"] = baseline.float().mean().item()
+            if cfg.overlong_buffer:  # shaped as the samples' scores are, so equal lengths cancel
+                lengths = torch.tensor([len(out.samples[0].token_ids) for out in greedy])
+                baseline = baseline + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer,
+                                                       cfg.overlong_penalty)
         rollout_seconds = time.perf_counter() - t0
         if not groups:  # dynamic sampling found no group with a reward signal on some rank: nothing to learn from
             return {"batch": None, "stats": self._reduce(sampling_stats), "responses": [], "prompts": [],
@@ -282,12 +287,14 @@ class ExperienceMaker:
         else:
             scores, reward_errors, reward_extras = self._model_scores([p + s.token_ids for p, s in rows]), 0, {}
         scores = scores.to(device)
-        (bad_rewards,) = self.dist.all_reduce([float(not bool(torch.isfinite(scores).all()))])
+        finite = bool(torch.isfinite(scores).all()) and (baseline is None or bool(torch.isfinite(baseline).all()))
+        (bad_rewards,) = self.dist.all_reduce([float(not finite)])
         if bad_rewards:
             if not cfg.skip_nonfinite:
                 raise FloatingPointError(f"iteration {self.iteration}: a reward is not finite (NaN or inf from the "
                                          f"reward model or reward_fn); fix the reward, or set skip_nonfinite: true")
             scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)  # the update is skipped anyway
+            baseline = None if baseline is None else torch.nan_to_num(baseline, nan=0.0, posinf=0.0, neginf=0.0)
         raw_scores = scores
         if cfg.overlong_buffer:  # DAPO: a soft punishment inside the last overlong_buffer tokens
             scores = scores + overlong_penalty(response_lengths, cfg.max_new_tokens, cfg.overlong_buffer,

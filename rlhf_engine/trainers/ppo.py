@@ -88,8 +88,8 @@ class PPOConfig(RunConfig):
     agg: str | None = option(None, "loss aggregation: token-mean | token-sum | seq-mean-token-sum | "
                                    "seq-mean-token-mean | seq-mean-token-sum-norm (default: seq-mean-token-mean for "
                                    "gspo and sapo, token-mean otherwise)")
-    agg_norm: float | None = option(None, "seq-mean-token-sum-norm: divide by this fixed length instead of the "
-                                          "batch's padded width (Dr. GRPO: max_new_tokens)")
+    agg_norm: float | None = option(None, "seq-mean-token-sum-norm: divide by this fixed length (default: "
+                                          "max_new_tokens, as Dr. GRPO)")
     sapo_tau_pos: float = option(1.0, "sapo: gate temperature for tokens with a positive advantage")
     sapo_tau_neg: float = option(1.05, "sapo: gate temperature for tokens with a non-positive advantage")
     rollout_correction: str = option("none", "importance correction for the rollout engine's sampling policy "
@@ -151,6 +151,9 @@ class PPOConfig(RunConfig):
         if self.agg_norm is not None and (self.agg != "seq-mean-token-sum-norm" or self.agg_norm <= 0):
             raise ValueError(f"PPOConfig.agg_norm must be > 0 and needs agg: seq-mean-token-sum-norm, found "
                              f"agg_norm={self.agg_norm}, agg={self.agg}")
+        if self.agg == "seq-mean-token-sum-norm" and self.agg_norm is None:
+            # a constant, as Dr. GRPO divides by: the batch's padded width differs between ranks and iterations
+            self.agg_norm = float(self.max_new_tokens)
         if self.dual_clip is not None and self.policy_loss != "ppo":
             raise ValueError(f"PPOConfig.dual_clip applies to policy_loss: ppo only, found {self.policy_loss}")
         for name in ("sapo_tau_pos", "sapo_tau_neg", "rollout_correction_cap"):
@@ -271,10 +274,13 @@ class PPOTrainer(ExperienceMaker):
 
     def update(self, batch: dict) -> dict:
         """``ppo_epochs`` passes of minibatches over the policy loss (and the critic's value loss)."""
+        if not self.config.gradient_checkpointing:
+            return self._update(batch)
+        with checkpoint_in_eval_mode(*((self.policy, self.critic.lm) if self.critic is not None else (self.policy,))):
+            return self._update(batch)
+
+    def _update(self, batch: dict) -> dict:
         cfg = self.config
-        if cfg.gradient_checkpointing:  # (again each update: the rollout's eval() / train() round trip resets it)
-            for lm in (self.policy, self.critic.lm) if self.critic is not None else (self.policy,):
-                checkpoint_in_eval_mode(lm)
         b = batch["input_ids"].shape[0]
         minibatch = cfg.minibatch_size // self.dist.world_size  # this rank's share of each global minibatch
         sums: dict[str, float] = {}
@@ -310,11 +316,14 @@ class PPOTrainer(ExperienceMaker):
                 )
                 if not cfg.entropy_coef:  # logged only: no gradient, so the backward skips the entropy term
                     entropy = entropy.detach()
-                entropy_mean = masked_mean(entropy, mb["mask"])
-                total = loss - cfg.entropy_coef * entropy_mean
+                entropy_mean = masked_mean(entropy, loss_mask)
+                # the entropy bonus is a token mean over the tokens in the loss, scaled as one under torchrun
+                entropy_scale = scale if cfg.agg == "token-mean" or not cfg.entropy_coef else self._global_scale(
+                    loss_mask, "token-mean")
                 self.optimizer.zero_grad(set_to_none=True)
                 # even when not finite: every rank must join the gradient reduction
-                (total * (scale * self.scaler.scale)).backward()
+                total = loss * scale - cfg.entropy_coef * entropy_scale * entropy_mean
+                (total * self.scaler.scale).backward()
                 self.scaler.unscale_(self.optimizer.param_groups[0]["params"])
                 grad_norm = _norm(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
                                                                  cfg.max_grad_norm))
@@ -371,7 +380,7 @@ class PPOTrainer(ExperienceMaker):
             metrics = {"iteration": self.iteration, **result["stats"], **self.update(result["batch"])}
         metrics["train_seconds"] = time.perf_counter() - t1
         metrics["seconds"] = time.perf_counter() - t0
-        if self.config.adaptive_kl_target is not None and self.config.kl_in_reward:
+        if self.config.adaptive_kl_target is not None and self.config.kl_in_reward and "kl_reward" in metrics:
             # proportional controller (Ziegler et al.): move the coefficient towards the target KL
             error = max(-0.2, min(0.2, metrics["kl_reward"] / self.config.adaptive_kl_target - 1.0))
             self.kl_reward_coef *= 1.0 + 0.1 * error
