@@ -25,8 +25,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_ppo_ops.py",
-                "tests/test_dispatch.py", "tests/test_advantages.py::test_gae_matches_reference",
+KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_logit_transforms.py",
+                "tests/test_ppo_ops.py", "tests/test_dispatch.py",
+                "tests/test_advantages.py::test_gae_matches_reference",
                 "tests/test_advantages.py::test_gae_skips_interior_masked_span",
                 "tests/test_advantages.py::test_gae_more_rows_than_programs"]
 NATIVE_TESTS = ["tests/test_cache_ops.py", "tests/test_paged_attention.py", "tests/test_rollout.py"]
