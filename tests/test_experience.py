@@ -36,6 +36,7 @@ def test_rollout_correction_matches_its_definitions(cap, low):
     torch.testing.assert_close(weights.double(), torch.where(mask, rho.clamp(max=cap), 0.0), atol=1e-6, rtol=1e-5)
     assert torch.equal(loss_mask, mask)
     assert stats["rollout_ratio_max"] == pytest.approx(float(rho[mask].max()), rel=1e-5)
+    assert stats["rollout_weight_max"] == pytest.approx(min(float(rho[mask].max()), cap), rel=1e-5)
 
     weights, loss_mask, stats = rollout_correction(old, rollout, mask, "mis", cap=cap, low=low)
     keep = mask & (rho >= lo) & (rho <= cap)

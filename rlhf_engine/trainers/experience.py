@@ -56,7 +56,7 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
     weights [B, T] fp32 for ``ppo_policy_loss(rollout_is_weights=)`` (None for none and the masking kinds),
     loss_mask [B, T] bool (the mask minus what was masked), and the logged numbers: rollout_ratio_mean / _max
     (of rho, or rho_seq for the seq kinds), and rollout_masked_tokens / rollout_masked_seqs (shares, masking
-    kinds) or rollout_weight_mean (truncating kinds).
+    kinds) or rollout_weight_mean / _max (truncating kinds).
     """
     if kind not in ROLLOUT_CORRECTIONS:
         raise ValueError(f"rollout_correction must be one of {list(ROLLOUT_CORRECTIONS)}, found {kind!r}")
@@ -77,6 +77,7 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         if kind == "seq-tis":
             weight = ratio.clamp(max=cap)
             stats["rollout_weight_mean"] = float((weight * rows).sum() / n_rows)
+            stats["rollout_weight_max"] = min(stats["rollout_ratio_max"], cap)
             return torch.where(live, weight[:, None], 0.0), live, stats
         keep = (ratio >= low) & (ratio <= cap)
         loss_mask = live & keep[:, None]
@@ -87,6 +88,7 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         if kind == "tis":
             weight = torch.where(live, ratio.clamp(max=cap), 0.0)
             stats["rollout_weight_mean"] = float(weight.sum() / tokens)
+            stats["rollout_weight_max"] = min(stats["rollout_ratio_max"], cap)
             return weight, live, stats
         loss_mask = live & (ratio >= low) & (ratio <= cap)
     had_tokens = live.any(-1)
