@@ -167,14 +167,17 @@ class ExperienceMaker:
                 return []
             return self.engine.generate([self._encode_prompt(r.prompt) for r in records], params)
 
+    def _response_text(self, sample) -> str:
+        """A sample's response as the reward function sees it: decoded, without EOS or special tokens."""
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.decode([t for t in sample.token_ids if t != eos], skip_special_tokens=True)
+
     def _score_groups(self, groups: list) -> tuple[torch.Tensor, int, dict]:
         """(scores [samples], reward errors, reward_fn extras) of ``groups`` [(record, RolloutOutput)]."""
-        eos = self.tokenizer.eos_token_id
         samples = [(record, out, s) for record, out in groups for s in out.samples]
         if self.scorer is None:
             return self._model_scores([out.prompt_token_ids + s.token_ids for _, out, s in samples]), 0, {}
-        responses = [self.tokenizer.decode([t for t in s.token_ids if t != eos], skip_special_tokens=True)
-                     for _, _, s in samples]
+        responses = [self._response_text(s) for _, _, s in samples]
         return self.scorer.submit([r.prompt for r, _, _ in samples], responses,
                                   [r.fields for r, _, _ in samples]).result()
 
@@ -227,7 +230,6 @@ class ExperienceMaker:
         cfg = self.config
         t0 = time.perf_counter()
         records = self.dist.shard(as_records(prompts, "prompts", "prompts"))  # each rank its own prompts
-        eos = self.tokenizer.eos_token_id
         if cfg.dynamic_sampling:
             groups, scored, sampling_stats = self._sample_informative_groups(records, prompts)
         else:
@@ -251,7 +253,7 @@ class ExperienceMaker:
                 rows.append((out.prompt_token_ids, s))
                 texts_p.append(record.prompt)
                 fields.append(record.fields)
-                texts_r.append(self.tokenizer.decode([t for t in s.token_ids if t != eos], skip_special_tokens=True))
+                texts_r.append(self._response_text(s))
         # with reward workers the scores are computed while the log-prob passes below run
         pending = self.scorer.submit(texts_p, texts_r, fields) if self.scorer is not None and scored is None else None
         width = max(len(p) + len(s.token_ids) for p, s in rows)
@@ -311,23 +313,20 @@ class ExperienceMaker:
                      loss_mask=mask & ~truncated[:, None] if cfg.mask_truncated else mask)
         if not on_policy:
             batch["old_logp"] = old_logp
-        if cfg.algorithm == "ppo":
-            with self._autocast():
-                values = self.critic_module(input_ids, attention_mask)[:, :-1] * mask
+        if cfg.algorithm in KL_IN_REWARD:  # per-token rewards: the score at the last token, minus the KL if asked
             rewards = torch.zeros_like(ref_logp)
             rewards[torch.arange(b, device=device), last] = scores
             if cfg.kl_in_reward:
                 rewards = rewards - self.kl_reward_coef * kl
+        if cfg.algorithm == "ppo":
+            with self._autocast():
+                values = self.critic_module(input_ids, attention_mask)[:, :-1] * mask
             advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
             batch.update(values=values, returns=returns)
             # how much of the returns' variance the critic explains (1 perfect, 0 a constant guess, < 0 worse)
             unexplained = masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
             explained_variance = 1.0 - float(unexplained)
         elif cfg.algorithm == "reinforce++":  # G_t = r_t + gamma G_{t+1} of the KL-shaped token rewards
-            rewards = torch.zeros_like(ref_logp)
-            rewards[torch.arange(b, device=device), last] = scores
-            if cfg.kl_in_reward:
-                rewards = rewards - self.kl_reward_coef * kl
             advantages = reinforce_pp_returns(rewards, mask, cfg.gamma, whiten=False)  # whitened below, globally
         elif cfg.algorithm == "remax":  # each sample's reward minus its prompt's greedy sample's
             advantages = (scores - baseline.to(device).repeat_interleave(cfg.n_samples))[:, None] * mask
