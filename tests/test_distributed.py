@@ -78,13 +78,28 @@ def _close(a: dict, b: dict, atol=1e-5):
 # -- one SFT step ------------------------------------------------------------------------------------------------
 
 
-def _offline_step(phase, model_dir, root, strategy, out):
+def _with_lora(model, common: dict):
+    """The same adapters on every rank and at world size 1; B != 0, so that A has a gradient too."""
+    from rlhf_engine.models.lora import add_lora
+
+    torch.manual_seed(0)
+    add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    common.update(lora_r=4, lora_alpha=8)
+
+
+def _offline_step(phase, model_dir, root, strategy, out, lora=False):
     from rlhf_engine.models.heads import ScalarHeadModel
     from rlhf_engine.trainers import DPOConfig, RewardConfig, SFTConfig, train_dpo, train_reward_model, train_sft
 
     info = init_distributed(strategy, torch.device("cpu"))
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
     common = dict(steps=1, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=0, max_length=128, strategy=strategy)
+    if lora:
+        _with_lora(model, common)
     if phase == "sft":
         rows = train_sft(model, tokenizer, read_jsonl(str(root / "sft.jsonl"), "sft"), SFTConfig(**common),
                          progress=False, dist=info)
@@ -101,12 +116,17 @@ def _offline_step(phase, model_dir, root, strategy, out):
         torch.save({"state": state, "row": rows[-1]}, out)
 
 
-@pytest.mark.parametrize("phase, strategy", [("sft", "fsdp"), ("sft", "ddp"), ("rm", "fsdp"), ("dpo", "ddp")])
-def test_offline_step_matches_world_size_1(setup, phase, strategy):
+@pytest.mark.parametrize("phase, strategy, lora", [("sft", "fsdp", False), ("sft", "ddp", False), ("rm", "fsdp", False),
+                                                   ("dpo", "ddp", False), ("sft", "fsdp", True), ("rm", "ddp", True),
+                                                   ("dpo", "fsdp", True)])
+def test_offline_step_matches_world_size_1(setup, phase, strategy, lora):
+    """(With LoRA: only the adapters and the reward model's head train; DPO's reference is the policy with its
+    adapters disabled, a no-grad pass through the sharded module.)"""
     root, model_dir, _ = setup
-    _offline_step(phase, model_dir, root, "none", str(root / f"{phase}1.pt"))
-    _spawn(_offline_step, phase, model_dir, root, strategy, str(root / f"{phase}2-{strategy}.pt"))
-    one, two = torch.load(str(root / f"{phase}1.pt")), torch.load(str(root / f"{phase}2-{strategy}.pt"))
+    tag = f"{phase}-lora" if lora else phase
+    _offline_step(phase, model_dir, root, "none", str(root / f"{tag}1.pt"), lora)
+    _spawn(_offline_step, phase, model_dir, root, strategy, str(root / f"{tag}2-{strategy}.pt"), lora)
+    one, two = torch.load(str(root / f"{tag}1.pt")), torch.load(str(root / f"{tag}2-{strategy}.pt"))
     count = "tokens" if phase == "sft" else "pairs"
     assert two["row"][count] == one["row"][count]  # the same global batch, counted over both ranks
     assert abs(two["row"]["loss"] - one["row"]["loss"]) < 1e-5
@@ -138,14 +158,17 @@ def _global_batch(model_dir):
                 ref_logp=old - 0.1 * mask, rollout_logp=old, advantages=advantages)
 
 
-def _grpo_update(model_dir, strategy, out):
+def _grpo_update(model_dir, strategy, out, lora=False):
     from rlhf_engine.trainers.ppo import PPOConfig, PPOTrainer
 
     info = init_distributed(strategy, torch.device("cpu"))
     batch = {k: v[info.rank :: info.world_size] for k, v in _global_batch(model_dir).items()}
     policy, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    extra = {}
+    if lora:
+        _with_lora(policy, extra)
     config = PPOConfig(algorithm="grpo", n_samples=2, prompts_per_iteration=4, minibatch_size=8, ppo_epochs=1,
-                       lr=1e-3, kl_coef=0.1, strategy=strategy)
+                       lr=1e-3, kl_coef=0.1, strategy=strategy, **extra)
     trainer = PPOTrainer(policy, tokenizer, config, reward_fn=lambda p, r: [0.0] * len(r), dist=info)
     stats = trainer.update(batch)
     state, _ = full_state(policy)
@@ -153,12 +176,13 @@ def _grpo_update(model_dir, strategy, out):
         torch.save({"state": state, "stats": stats}, out)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_grpo_update_matches_world_size_1(setup, strategy):
+@pytest.mark.parametrize("strategy, lora", [("fsdp", False), ("ddp", False), ("fsdp", True), ("ddp", True)])
+def test_grpo_update_matches_world_size_1(setup, strategy, lora):
     root, model_dir, _ = setup
-    _grpo_update(model_dir, "none", str(root / "grpo1.pt"))
-    _spawn(_grpo_update, model_dir, strategy, str(root / f"grpo2-{strategy}.pt"))
-    one, two = torch.load(str(root / "grpo1.pt")), torch.load(str(root / f"grpo2-{strategy}.pt"))
+    tag = "grpo-lora" if lora else "grpo"
+    _grpo_update(model_dir, "none", str(root / f"{tag}1.pt"), lora)
+    _spawn(_grpo_update, model_dir, strategy, str(root / f"{tag}2-{strategy}.pt"), lora)
+    one, two = torch.load(str(root / f"{tag}1.pt")), torch.load(str(root / f"{tag}2-{strategy}.pt"))
     assert one["stats"]["clipfrac"] > 0  # the clip is exercised
     _close(one["state"], two["state"])
 
@@ -170,14 +194,20 @@ def _cli(args):
     assert main(args) == 0
 
 
-def test_checkpoint_from_world_size_2_resumes_at_world_size_1(setup):
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpoint_from_world_size_2_resumes_at_world_size_1(setup, lora):
+    """(With LoRA the checkpoint holds the adapter, gathered from the shards; model/ is the merged model.)"""
     root, model_dir, data = setup
     args = ["sft", "--model", model_dir, "--data", data, "--batch-size", "4", "--max-length", "128", "--lr", "1e-2",
             "--warmup-steps", "0", "--save-every", "2", "--no-progress"]
+    if lora:
+        args += ["--lora-r", "4", "--lora-alpha", "8"]
+    root = root / ("lora" if lora else "full")
     _cli([*args, "--steps", "4", "--output-dir", str(root / "whole")])
     _spawn(_cli, [*args, "--steps", "4", "--stop-after-steps", "2", "--strategy", "fsdp", "--output-dir",
                   str(root / "moved")])
     _cli([*args, "--steps", "4", "--resume", "--output-dir", str(root / "moved")])
+    assert (root / "moved" / "adapter").exists() == lora
     whole = read_metrics(str(root / "whole" / "metrics.jsonl"))
     moved = read_metrics(str(root / "moved" / "metrics.jsonl"))
     assert [r["step"] for r in moved] == [0, 1, 2, 3]

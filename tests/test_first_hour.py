@@ -104,14 +104,17 @@ def test_example_configs_write_to_their_own_output_dirs():
     root = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
     outputs = {}
     files = {"reinforce++": "reinforce_pp"}
-    for phase in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce++", "remax"):
+    for name in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce++", "remax", "grpo_lora"):
+        phase = name.removesuffix("_lora")
         defaults = {"algorithm": phase} if phase in ("ppo", "grpo", "rloo", "reinforce++", "remax") else None
-        path = os.path.join(root, f"{files.get(phase, phase)}.yaml")
+        path = os.path.join(root, f"{files.get(name, name)}.yaml")
         config = load_config(_config_class(phase), path, defaults=defaults)
         if defaults:
             assert config.algorithm == phase
         config.require("model", "data", "output_dir")
-        outputs[phase] = config.output_dir
+        outputs[name] = config.output_dir
+        if name.endswith("_lora"):
+            assert config.lora_r > 0 and list(config.lora_target_modules) == ["all-linear"]
     assert len(set(outputs.values())) == len(outputs), outputs
 
 

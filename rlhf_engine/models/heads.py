@@ -11,6 +11,7 @@ import os
 import torch
 from torch import nn
 
+from rlhf_engine.models.lora import has_lora, save_adapter
 from rlhf_engine.ops import linear_logprobs
 
 HEAD_FILE = "scalar_head.safetensors"
@@ -36,6 +37,17 @@ def _cache_argument(body_class) -> str:
 
 def _strip(state_dict: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def save_lm(lm, path: str, state_dict: dict | None = None) -> None:
+    """``lm`` as a Hugging Face directory, or only its adapter (peft's format) when it carries LoRA adapters:
+    the base weights are frozen and already on disk."""
+    if has_lora(lm):
+        save_adapter(lm, path, state_dict)
+    elif state_dict is None:
+        lm.save_pretrained(path)
+    else:
+        lm.save_pretrained(path, state_dict=state_dict)
 
 
 # Config attributes that transform a causal LM's logits beyond head(hidden), as its own forward applies them (the
@@ -136,10 +148,7 @@ class CausalLMLogprobs(nn.Module):
         return tuple(scattered) if return_entropy else scattered[0]
 
     def save_pretrained(self, path: str, state_dict: dict | None = None) -> None:
-        if state_dict is None:
-            self.lm.save_pretrained(path)
-        else:
-            self.lm.save_pretrained(path, state_dict=_strip(state_dict, "lm."))
+        save_lm(self.lm, path, None if state_dict is None else _strip(state_dict, "lm."))
 
 
 class ScalarHeadModel(nn.Module):
@@ -186,25 +195,23 @@ class ScalarHeadModel(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        if state_dict is None:
-            self.lm.save_pretrained(path)
-            head_state = self.head.state_dict()
-        else:
-            self.lm.save_pretrained(path, state_dict=_strip(state_dict, "lm."))
-            head_state = _strip(state_dict, "head.")
+        save_lm(self.lm, path, None if state_dict is None else _strip(state_dict, "lm."))
+        head_state = self.head.state_dict() if state_dict is None else _strip(state_dict, "head.")
         tensors = {k: v.detach().contiguous() for k, v in head_state.items()}
         save_file(tensors, os.path.join(path, HEAD_FILE))
         with open(os.path.join(path, HEAD_CONFIG), "w") as f:
             json.dump({"in_features": self.head.in_features, "kind": "scalar_head"}, f)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: str = "float32", device="cpu", init_head: bool = False):
-        """Loads a model saved by ``save_pretrained``; with ``init_head`` a plain LM directory gets a new head."""
+    def from_pretrained(cls, path: str, *, dtype: str = "float32", device="cpu", init_head: bool = False,
+                        base: str | None = None, lora: dict | None = None):
+        """Loads a model saved by ``save_pretrained``; with ``init_head`` a plain LM directory gets a new head. A
+        LoRA run's directory (an adapter and the head) loads onto the LM at ``base`` (see ``load_causal_lm``)."""
         from safetensors.torch import load_file
 
         from rlhf_engine.models.loading import load_causal_lm
 
-        lm = load_causal_lm(path, dtype=dtype, device=device)
+        lm = load_causal_lm(path, dtype=dtype, device=device, base=base, lora=lora)
         head_path = os.path.join(path, HEAD_FILE)
         if not os.path.isfile(head_path):
             if init_head:

@@ -60,15 +60,38 @@ def checkpoint_in_eval_mode(*lms):
             m.training = flag
 
 
-def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """``AutoModelForCausalLM.from_pretrained`` from a local directory (never the network)."""
+def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", base: str | None = None,
+                   lora: dict | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` from a local directory (never the network).
+
+    A directory holding a LoRA adapter (a checkpoint of a LoRA run) loads as the model at ``base`` with that
+    adapter injected, trainable; ``lora`` (``lora_settings(config)``) must agree with it.
+    """
     from transformers import AutoModelForCausalLM
+
+    from rlhf_engine.models.lora import is_adapter_dir, load_lora
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, found {dtype!r}")
+    if os.path.isdir(path) and is_adapter_dir(path):
+        if not base:
+            raise ValueError(f"model: {path!r} holds a LoRA adapter, not a whole model: load it onto its base model "
+                             f"(base=, the run's `model:`)")
+        return load_lora(load_causal_lm(base, dtype=dtype, device=device), path, lora).to(device)
     _check_dir(path, "model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True)
     return model.to(device)
+
+
+def prepare_lora(lm, config) -> bool:
+    """Adds the LoRA adapters ``config``'s ``lora_*`` keys ask for to ``lm`` (in place) unless it carries them
+    already (a resumed run's, or a model the caller adapted); True when ``lm`` trains through adapters."""
+    from rlhf_engine.models.lora import add_lora, has_lora, lora_settings
+
+    settings = lora_settings(config)
+    if settings is not None and not has_lora(lm):
+        add_lora(lm, **settings)
+    return has_lora(lm)
 
 
 def load_tokenizer(path: str):

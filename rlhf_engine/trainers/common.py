@@ -24,7 +24,7 @@ from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_che
 from rlhf_engine.data.readers import KEY_FIELDS
 from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
-from rlhf_engine.models.loading import enable_gradient_checkpointing, max_positions
+from rlhf_engine.models.loading import enable_gradient_checkpointing, max_positions, prepare_lora
 from rlhf_engine.precision import LossScaler, autocast, check_precision, fsdp_mixed_precision
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -69,6 +69,14 @@ class RunConfig:
     gradient_checkpointing: bool = option(False, "recompute each decoder layer in the backward instead of keeping "
                                                  "its activations (transformers' own): less memory, ~1/3 more "
                                                  "compute")
+    lora_r: int = option(0, "LoRA rank (peft): train low-rank adapters on the frozen model instead of every weight; "
+                            "the reference policy is the model with its adapters disabled; 0: off")
+    lora_alpha: float = option(16.0, "LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_r")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input (sft, rm, dpo; the PPO family trains without "
+                                      "dropout)")
+    lora_target_modules: list[str] = option(["all-linear"], "modules that get adapters: names such as q_proj,v_proj, "
+                                                            "or all-linear (every Linear of the body, not the LM "
+                                                            "head)")
     stop_after_steps: int = option(0, "end this process after this many steps (PPO: iterations), checkpoint "
                                       "written (to split a run over jobs with a time limit; continue with resume); "
                                       "0: run to the end")
@@ -81,6 +89,21 @@ class RunConfig:
         _positive_int(cls, "save_every", self.save_every, minimum=0)
         _positive_int(cls, "save_total_limit", self.save_total_limit)
         _positive_int(cls, "stop_after_steps", self.stop_after_steps, minimum=0)
+        _positive_int(cls, "lora_r", self.lora_r, minimum=0)
+        if self.lora_r:
+            if not self.lora_alpha > 0:
+                raise ValueError(f"{cls}.lora_alpha must be > 0, found {self.lora_alpha!r}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"{cls}.lora_dropout must be in [0, 1), found {self.lora_dropout!r}")
+            targets = list(self.lora_target_modules)
+            if not targets or not all(isinstance(t, str) and t for t in targets) or (
+                    "all-linear" in targets and len(targets) > 1):
+                raise ValueError(f"{cls}.lora_target_modules must be module names (q_proj,v_proj) or all-linear, "
+                                 f"found {self.lora_target_modules!r}")
+            if importlib.util.find_spec("peft") is None:
+                raise ValueError(f"{cls}.lora_r > 0 needs the peft package, which is not installed: pip install "
+                                 f"peft (into this environment: {sys.executable} -m pip install peft), or set "
+                                 f"lora_r: 0")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError(f"{cls}.tensorboard: true needs the tensorboard package, which is not installed: "
                              f"pip install tensorboard (into this environment: {sys.executable} -m pip install "
@@ -207,6 +230,7 @@ class Trainer:
         self.phase = phase
         self.dist = dist or DistInfo()
         self.root = module
+        prepare_lora(module.lm, config)  # CausalLMLogprobs and ScalarHeadModel both hold the LM as .lm
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"{phase}: the model has no trainable parameters")
         limit = max_positions(module)
@@ -216,7 +240,7 @@ class Trainer:
                              f"max_length <= {limit}")
         self.device = next(module.parameters()).device
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(module.lm)  # CausalLMLogprobs and ScalarHeadModel both hold it as .lm
+            enable_gradient_checkpointing(module.lm)
         self.module = wrap(module, self.dist, mixed_precision=fsdp_mixed_precision(config.precision))
         self.scaler = LossScaler(config.precision)
         self.params = [p for p in self.module.parameters() if p.requires_grad]

@@ -4,6 +4,7 @@
 
     from rlhf_engine.trainers.dpo import DPOConfig, train_dpo
     history = train_dpo(policy, tokenizer, pairs, DPOConfig(beta=0.1))   # reference: a frozen copy of policy
+    history = train_dpo(policy, tokenizer, pairs, DPOConfig(lora_r=16))   # reference: policy, adapters disabled
 
 With sequence log-probs summed over response tokens, pi = log pi(y|x), ref = log pi_ref(y|x), and
 h = (pi_c - ref_c) - (pi_r - ref_r):
@@ -15,6 +16,7 @@ Both go through ``linear_logprobs``: the [2B, T, V] logits of chosen and rejecte
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,8 @@ from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import CausalLMLogprobs
+from rlhf_engine.models.loading import prepare_lora
+from rlhf_engine.models.lora import as_reference, unwrap_peft
 from rlhf_engine.precision import autocast, frozen_copy
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 from rlhf_engine.trainers.reward import pair_batch
@@ -70,10 +74,12 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: 
     raise ValueError(f"loss_type must be one of {list(DPO_LOSSES)}, found {loss_type!r}")
 
 
-def _dpo_sums(policy, reference, batch: SFTBatch, config: DPOConfig) -> dict:
+def _dpo_sums(policy, reference, batch: SFTBatch, config: DPOConfig, lm=None) -> dict:
+    """``reference`` None: the reference is ``policy`` with the adapters of its LM ``lm`` disabled (LoRA)."""
     average = config.loss_type == "ipo"
-    with torch.no_grad():
-        ref_c, ref_r = sequence_logprobs(reference, batch, average=average).chunk(2)
+    with torch.no_grad(), contextlib.nullcontext() if reference is not None else as_reference(lm):
+        ref_c, ref_r = sequence_logprobs(reference if reference is not None else policy, batch,
+                                         average=average).chunk(2)
     pol_c, pol_r = sequence_logprobs(policy, batch, average=average).chunk(2)
     losses = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=config.beta, loss_type=config.loss_type,
                       label_smoothing=config.label_smoothing)
@@ -91,25 +97,31 @@ def train_dpo(policy, tokenizer, pairs, config: DPOConfig, *, reference=None, pr
         raise ValueError("train_dpo: pairs is empty")
     pairs = as_records(pairs, "preferences", "pairs")
     eval_pairs = as_records(eval_pairs, "preferences", "eval_pairs") if eval_pairs else None
+    policy = unwrap_peft(policy)
     device = next(policy.parameters()).device
-    if reference is None:
+    # LoRA: the reference is the policy with its adapters disabled, no second copy of the weights
+    if reference is None and not prepare_lora(policy, config):
         reference = frozen_copy(policy, config.precision)  # frozen: held in the compute dtype, no fp32 master
-    reference.eval().requires_grad_(False)
+    if reference is not None:
+        reference.eval().requires_grad_(False)
 
     def collate(chunk):
         return move(pair_batch(tokenizer, chunk, config.max_length)[0], device)
 
     trainer = Trainer(config, "dpo", CausalLMLogprobs(policy), tokenizer=tokenizer, dist=dist, progress=progress)
-    evaluate = (lambda: evaluate_dpo(trainer.module, reference, tokenizer, eval_pairs, config)) if eval_pairs else None
+    evaluate = None
+    if eval_pairs:
+        evaluate = lambda: evaluate_dpo(trainer.module, reference, tokenizer, eval_pairs, config, lm=policy)  # noqa: E731
     policy.train()
     return trainer.fit(lambda rng: rng.sample(pairs, min(config.batch_size, len(pairs))), collate,
-                       lambda b: _dpo_sums(trainer.module, reference, b, config), lambda b: b.input_ids.shape[0] // 2,
+                       lambda b: _dpo_sums(trainer.module, reference, b, config, policy),
+                       lambda b: b.input_ids.shape[0] // 2,
                        evaluate=evaluate, resume_from=resume_from, on_step=on_step, weight_name="pairs")
 
 
 @torch.no_grad()
-def evaluate_dpo(policy, reference, tokenizer, pairs, config: DPOConfig) -> dict:
-    """Held-out DPO loss, implicit-reward accuracy and margin."""
+def evaluate_dpo(policy, reference, tokenizer, pairs, config: DPOConfig, lm=None) -> dict:
+    """Held-out DPO loss, implicit-reward accuracy and margin (``reference`` None: ``lm``'s adapters disabled)."""
     pairs = as_records(pairs, "preferences", "pairs")
     was_training = policy.training
     policy.eval()
@@ -118,7 +130,7 @@ def evaluate_dpo(policy, reference, tokenizer, pairs, config: DPOConfig) -> dict
     for start in range(0, len(pairs), config.batch_size):
         batch, _ = pair_batch(tokenizer, pairs[start : start + config.batch_size], config.max_length)
         with autocast(config.precision, device):
-            out = _dpo_sums(policy, reference, move(batch, device), config)
+            out = _dpo_sums(policy, reference, move(batch, device), config, lm)
         for key in ("loss", "accuracy", "reward_margin"):
             sums[key] = sums.get(key, 0.0) + float(out[key])
     policy.train(was_training)

@@ -18,6 +18,7 @@ from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.distributed import gathered
 from rlhf_engine.models.heads import CausalLMLogprobs, position_ids_for
 from rlhf_engine.models.loading import max_positions
+from rlhf_engine.models.lora import as_reference
 from rlhf_engine.ops import gae, group_advantages, kl_penalty, masked_mean, masked_whiten, reinforce_pp_returns
 from rlhf_engine.precision import autocast
 from rlhf_engine.rollout import SamplingParams
@@ -283,7 +284,12 @@ class ExperienceMaker:
         prompt_len = torch.tensor([len(p) for p, _ in rows], device=device)
         old_logp = None if on_policy else self._logprobs(self.policy_module, input_ids, attention_mask, targets,
                                                          prompt_len=prompt_len)
-        ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets, prompt_len=prompt_len)
+        if self.reference is not None:
+            ref_logp = self._logprobs(self.reference, input_ids, attention_mask, targets, prompt_len=prompt_len)
+        else:  # LoRA: the reference is the policy with its adapters disabled
+            with as_reference(self.policy):
+                ref_logp = self._logprobs(self.policy_module, input_ids, attention_mask, targets,
+                                          prompt_len=prompt_len)
         if scored is not None:  # dynamic sampling scored the groups already
             scores, reward_errors, reward_extras = scored
         elif pending is not None:

@@ -3,7 +3,9 @@
 Each ``run_<phase>(config)`` checks the run's paths, loads the model(s) (from the last checkpoint when resuming),
 reads and validates the JSONL data, trains with metrics and checkpoints under ``output_dir``, saves the final
 model as a Hugging Face directory in ``output_dir/model`` (with the tokenizer, so it is the next phase's
-``model``), then prints a summary table and writes ``summary.json`` and ``curves.png`` beside it.
+``model``), then prints a summary table and writes ``summary.json`` and ``curves.png`` beside it. A LoRA run
+(``lora_r > 0``) checkpoints only its adapter, saves the adapter as trained in ``output_dir/adapter`` (peft's
+format) and the merged model in ``output_dir/model``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from rlhf_engine.distributed import DistInfo, init_distributed, local_device
 from rlhf_engine.metrics import METRICS_FILE, fmt, format_table, plot_curves, read_metrics
 from rlhf_engine.models import load_causal_lm, load_tokenizer
 from rlhf_engine.models.heads import ScalarHeadModel
+from rlhf_engine.models.lora import copy_adapter, export_merged, is_adapter_dir, lora_settings
 from rlhf_engine.precision import DTYPE_NAMES, set_tf32
 from rlhf_engine.trainers.common import resolve_device, resume_checkpoint
 
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"  # LoRA runs: the PEFT adapter as trained (MODEL_DIR holds the merged model)
 
 
 def _start(config, phase: str) -> tuple[torch.device, str | None, DistInfo]:
@@ -62,13 +66,19 @@ def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, di
     (metrics.jsonl holds the rows from before a resume too); rank 0 only."""
     if not dist.is_main:
         return {}
-    last_checkpoint = latest_checkpoint(config.output_dir)
-    copy_model_atomic(os.path.join(last_checkpoint, saved), os.path.join(config.output_dir, MODEL_DIR))
+    last_checkpoint = os.path.join(latest_checkpoint(config.output_dir), saved)
+    if is_adapter_dir(last_checkpoint):  # LoRA: the adapter as trained, and the merged model for the next phase
+        copy_adapter(last_checkpoint, os.path.join(config.output_dir, ADAPTER_DIR))
+        export_merged(config.model, last_checkpoint, os.path.join(config.output_dir, MODEL_DIR))
+    else:
+        copy_model_atomic(last_checkpoint, os.path.join(config.output_dir, MODEL_DIR))
     history = read_metrics(os.path.join(config.output_dir, METRICS_FILE))
     keys = keys + sorted({k for r in history for k in r if k.startswith("eval_")})
     last = history[-1] if history else {}
     summary = {"phase": phase, "steps": last.get("step", -1) + 1, **{k: last[k] for k in keys if k in last},
                **extra, "seconds": round(seconds, 1), "model": os.path.join(config.output_dir, MODEL_DIR)}
+    if is_adapter_dir(last_checkpoint):
+        summary["adapter"] = os.path.join(config.output_dir, ADAPTER_DIR)
     with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     png = plot_curves(history, keys, os.path.join(config.output_dir, "curves.png"), title=phase)
@@ -80,7 +90,9 @@ def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, di
 def _load_policy(config, resume: str | None, device, tokenizer):
     """The trained causal LM: from the checkpoint being resumed, else from ``config.model``; vocabulary checked."""
     # trained: fp32 master weights whatever the precision (the compute dtype comes from autocast / FSDP's policy)
-    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, device=device)
+    # (a LoRA run's checkpoint holds the adapter: it loads onto config.model)
+    policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, device=device,
+                            base=config.model, lora=lora_settings(config))
     check_vocab(tokenizer, policy)
     return policy
 
@@ -113,7 +125,8 @@ def run_reward(config, *, progress: bool = True) -> dict:
     device, resume, dist = _start(config, "reward")
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     source = os.path.join(resume, "reward_model") if resume else config.model
-    model = ScalarHeadModel.from_pretrained(source, device=device, init_head=True)
+    model = ScalarHeadModel.from_pretrained(source, device=device, init_head=True, base=config.model,
+                                            lora=lora_settings(config))
     check_vocab(tokenizer, model)
     pairs, eval_pairs = _read_data(config, "preferences")
     train_reward_model(model, tokenizer, pairs, config, progress=progress, eval_pairs=eval_pairs, resume_from=resume,
@@ -130,8 +143,10 @@ def run_dpo(config, *, progress: bool = True) -> dict:
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     policy = _load_policy(config, resume, device, tokenizer)
     frozen = DTYPE_NAMES[config.precision]  # frozen models need no fp32 master: held in the compute dtype
-    reference = load_causal_lm(config.ref_model or config.model, dtype=frozen, device=device)
-    check_vocab(tokenizer, reference, "reference model")
+    reference = None  # LoRA: the policy with its adapters disabled
+    if config.ref_model or not config.lora_r:
+        reference = load_causal_lm(config.ref_model or config.model, dtype=frozen, device=device)
+        check_vocab(tokenizer, reference, "reference model")
     pairs, eval_pairs = _read_data(config, "preferences")
     train_dpo(policy, tokenizer, pairs, config, reference=reference, progress=progress, eval_pairs=eval_pairs,
               resume_from=resume, dist=dist)
@@ -166,7 +181,7 @@ def run_ppo(config, *, progress: bool = True) -> dict:
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     policy = _load_policy(config, resume, device, tokenizer)
     frozen = DTYPE_NAMES[config.precision]  # frozen models need no fp32 master: held in the compute dtype
-    reference = load_causal_lm(config.model, dtype=frozen, device=device) if resume else None
+    reference = load_causal_lm(config.model, dtype=frozen, device=device) if resume and not config.lora_r else None
     reward_model = reward_fn = critic = None
     if config.reward_fn:
         reward_fn = load_reward_fn(config.reward_fn)
@@ -175,9 +190,9 @@ def run_ppo(config, *, progress: bool = True) -> dict:
         reward_model.requires_grad_(False)
         check_vocab(tokenizer, reward_model, "reward model")
     if config.algorithm == "ppo":
-        source = (os.path.join(resume, "critic") if resume else config.critic_model or config.reward_model
-                  or config.model)
-        critic = ScalarHeadModel.from_pretrained(source, device=device, init_head=True)
+        base = config.critic_model or config.reward_model or config.model
+        critic = ScalarHeadModel.from_pretrained(os.path.join(resume, "critic") if resume else base, device=device,
+                                                 init_head=True, base=base, lora=lora_settings(config))
     prompts = read_data(config.data, "prompts", config.data_keys())  # records: other fields reach reward_fn
     trainer = PPOTrainer(policy, tokenizer, config, reward_model=reward_model, reward_fn=reward_fn, critic=critic,
                          reference=reference, dist=dist)

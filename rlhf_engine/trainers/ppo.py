@@ -28,7 +28,8 @@ from rlhf_engine.checkpoint import load_checkpoint_state, save_checkpoint
 from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.distributed import DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel
-from rlhf_engine.models.loading import checkpoint_in_eval_mode, enable_gradient_checkpointing
+from rlhf_engine.models.loading import checkpoint_in_eval_mode, enable_gradient_checkpointing, prepare_lora
+from rlhf_engine.models.lora import unwrap_peft
 from rlhf_engine.ops import (
     AGG_MODES,
     POLICY_LOSSES,
@@ -200,6 +201,7 @@ class PPOTrainer(ExperienceMaker):
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("PPOTrainer: pass exactly one of reward_model (a ScalarHeadModel) or reward_fn")
         self.config = config
+        policy = unwrap_peft(policy)
         self.policy = policy
         self.tokenizer = tokenizer
         self.reward_model = reward_model
@@ -207,16 +209,23 @@ class PPOTrainer(ExperienceMaker):
         self.scorer = None if reward_fn is None else RewardScorer(
             reward_fn, spec=config.reward_fn or None, workers=config.reward_workers, timeout=config.reward_timeout,
             on_error=config.reward_on_error)
-        # the frozen reference is the policy as it starts (a resumed run passes the original model instead)
-        # (frozen, so held in the compute dtype: no fp32 master)
-        self.reference = (reference if reference is not None else frozen_copy(policy, config.precision))
-        self.reference.eval().requires_grad_(False)
+        # the frozen reference is the policy as it starts (a resumed run passes the original model instead),
+        # frozen, so held in the compute dtype (no fp32 master); with LoRA it is the policy with its adapters
+        # disabled (None here): no second copy of the weights
+        self.lora = prepare_lora(policy, config)
+        self.reference = reference
+        if reference is None and not self.lora:
+            self.reference = frozen_copy(policy, config.precision)
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
         self.critic = None
         if config.algorithm == "ppo":
             if critic is None:
+                # (a copy of an adapted policy keeps its adapters: the critic then trains its own copy of them)
                 critic = ScalarHeadModel(copy.deepcopy(reward_model.lm if reward_model is not None else policy))
                 if reward_model is not None:
                     critic.head.load_state_dict(reward_model.head.state_dict())
+            prepare_lora(critic.lm, config)
         # the trained roots: FSDP-sharded or DDP-replicated under torchrun (the reference and reward model are
         # frozen and replicated); every training forward goes through these modules
         self.dist = dist or DistInfo()

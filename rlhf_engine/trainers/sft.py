@@ -16,6 +16,7 @@ from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch, collate_sft, encode_record, pack_sft
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import CausalLMLogprobs
+from rlhf_engine.models.lora import unwrap_peft
 from rlhf_engine.precision import autocast
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 
@@ -86,6 +87,7 @@ def train_sft(model, tokenizer, examples, config: SFTConfig, *, progress: bool =
     With ``config.output_dir`` set, metrics.jsonl and checkpoints go there and ``resume_from`` continues a run
     (whose weights the caller loaded from the checkpoint); ``dist`` makes it one rank of a data-parallel run.
     """
+    model = unwrap_peft(model)
     data = SFTData(tokenizer, examples, config)
     device = next(model.parameters()).device
     trainer = Trainer(config, "sft", CausalLMLogprobs(model), tokenizer=tokenizer, dist=dist, progress=progress)

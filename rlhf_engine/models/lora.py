@@ -1,0 +1,211 @@
+"""LoRA adapters through peft, injected in place into the transformers model.
+
+    lm = load_causal_lm("sft/model")
+    add_lora(lm, r=16, alpha=32)            # peft's LoRA layers replace the targeted Linear modules, in place
+    with adapters_disabled(lm):             # the base model: the frozen reference of DPO and the PPO family
+        ref_logits = lm(input_ids).logits
+
+The model keeps its own class (``LlamaForCausalLM``...), so everything that takes a causal LM takes it as it
+is: the fused log-prob module, the rollout (which calls the model's own modules, LoRA layers included), FSDP2
+and DDP. Only the adapters require grad, so the optimizers (built over ``requires_grad`` parameters) hold only
+them. ``save_adapter`` writes peft's format (``adapter_config.json``, ``adapter_model.safetensors``), which
+``peft.PeftModel.from_pretrained`` loads; ``export_merged`` writes the merged model as a plain Hugging Face
+directory, what the next phase reads.
+
+NOTE: transformers' own adapter methods (``model.add_adapter``...) would do the same but require a newer peft
+than some environments have (transformers 5.24 wants peft >= 0.22); peft's ``inject_adapter_in_model`` is the
+seam both use, and works from peft 0.13.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+
+import torch
+
+ADAPTER = "default"  # peft's name for a model's one adapter
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+_PEFT_PREFIX = "base_model.model."  # peft's key prefix in adapter files (the PeftModel -> LoraModel -> model path)
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("lora_r > 0 needs the peft package, which is not installed: pip install peft (or drop "
+                          "the lora_* keys)") from None
+    return peft
+
+
+def _tuner_layers(lm) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(lm) -> bool:
+    """Whether ``lm`` carries peft adapters injected in place (by ``add_lora`` or ``load_lora``)."""
+    return ADAPTER in (getattr(lm, "peft_config", None) or {})
+
+
+def unwrap_peft(model):
+    """A ``peft.PeftModel`` (what ``get_peft_model`` returns) -> the transformers model inside it, adapters in
+    place; anything else as it is. The trainers take either."""
+    if type(model).__name__.startswith("PeftModel") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def lora_settings(config) -> dict | None:
+    """The ``lora_*`` keys of a run config as ``add_lora`` keywords; None when ``lora_r`` is 0 (off)."""
+    if not getattr(config, "lora_r", 0):
+        return None
+    return {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": list(config.lora_target_modules)}
+
+
+def _peft_targets(target_modules: list[str]):
+    return "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+
+
+def add_lora(lm, *, r: int, alpha: float, dropout: float = 0.0, target_modules=("all-linear",)):
+    """Injects LoRA adapters (rank ``r``, scale ``alpha / r``) into ``lm``'s targeted Linear modules, in place;
+    the base weights are frozen and B starts at zero, so the adapted model starts equal to the base. Returns ``lm``.
+
+    ``target_modules``: module names (the last part: ``q_proj``, ``c_attn``...) or ``["all-linear"]`` (every
+    Linear of the body; never the LM head).
+    """
+    peft = _peft()
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_peft_targets(target_modules),
+                             bias="none", base_model_name_or_path=getattr(lm, "name_or_path", None) or None)
+    return _inject(lm, config, "lora_target_modules")
+
+
+def _inject(lm, config, what: str):
+    peft = _peft()
+    if has_lora(lm):
+        raise ValueError(f"{type(lm).__name__} already carries a LoRA adapter; add one adapter per model")
+    try:
+        peft.inject_adapter_in_model(config, lm, adapter_name=ADAPTER)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ValueError(f"{what}: {err} ({type(lm).__name__}'s linear modules: {', '.join(linear)}; or use "
+                         f"all-linear)") from None
+    if not _tuner_layers(lm):
+        raise ValueError(f"{what}: no module of {type(lm).__name__} was adapted")
+    return lm
+
+
+@contextlib.contextmanager
+def adapters_disabled(lm):
+    """Inside, ``lm`` computes its base model (every LoRA layer bypassed); the adapters are back after."""
+    layers = _tuner_layers(lm)
+    if not layers:
+        raise ValueError(f"adapters_disabled: {type(lm).__name__} has no adapters")
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield lm
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+@contextlib.contextmanager
+def as_reference(lm):
+    """Inside, ``lm`` is the frozen reference policy: its base model, in eval mode (no dropout, as a frozen copy
+    would be); its adapters and training mode are back after."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        with adapters_disabled(lm):
+            yield lm
+    finally:
+        lm.train(was_training)
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def save_adapter(lm, path: str, state_dict: dict | None = None) -> None:
+    """``lm``'s adapter in peft's format under ``path``; ``state_dict`` (of ``lm``, already gathered whole, as
+    under FSDP) replaces the live weights."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = get_peft_model_state_dict(lm, state_dict=state_dict, adapter_name=ADAPTER)
+    tensors = {_PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    lm.peft_config[ADAPTER].save_pretrained(path)
+    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_lora(lm, path: str, settings: dict | None = None):
+    """Injects the adapter saved at ``path`` (``save_adapter``'s directory) into ``lm`` and loads its weights,
+    trainable; ``settings`` (``lora_settings(config)``) must agree with the saved adapter's rank, alpha and
+    dropout. Returns ``lm``."""
+    peft = _peft()
+    from safetensors.torch import load_file
+
+    saved = peft.LoraConfig.from_pretrained(path)
+    if settings is not None:
+        for key, field, mine in (("r", "lora_r", settings["r"]), ("lora_alpha", "lora_alpha", settings["alpha"]),
+                                 ("lora_dropout", "lora_dropout", settings["dropout"])):
+            if float(getattr(saved, key)) != float(mine):
+                raise ValueError(f"{field}: the adapter at {path!r} has {key} = {getattr(saved, key)} but the "
+                                 f"config says {mine}; use the run's own lora_* values to resume it")
+    saved.inference_mode = False
+    _inject(lm, saved, f"adapter at {path!r}")
+    weights = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(os.path.join(path, WEIGHTS_FILE)).items()}
+    result = peft.set_peft_model_state_dict(lm, weights, adapter_name=ADAPTER)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"adapter at {path!r} does not fit {type(lm).__name__}: missing {missing[:3]}, unexpected "
+                         f"{list(result.unexpected_keys)[:3]}")
+    for name, p in lm.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return lm
+
+
+def export_merged(base_dir: str, adapter_dir: str, out_dir: str) -> str:
+    """``adapter_dir`` merged into the base model at ``base_dir``, written to ``out_dir`` as a plain Hugging Face
+    directory (fp32, as trained); the other files of ``adapter_dir`` (the tokenizer, a scalar head) are copied
+    beside it. Written into a temporary directory and renamed into place."""
+    peft = _peft()
+    from rlhf_engine.models.loading import load_causal_lm
+
+    base = load_causal_lm(base_dir)
+    with warnings.catch_warnings():  # peft reads an attribute transformers 5 renamed: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        merged = peft.PeftModel.from_pretrained(base, adapter_dir, adapter_name=ADAPTER).merge_and_unload()
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    for name in os.listdir(adapter_dir):
+        source = os.path.join(adapter_dir, name)
+        if name not in ADAPTER_FILES and os.path.isfile(source) and not os.path.exists(os.path.join(tmp, name)):
+            shutil.copy2(source, os.path.join(tmp, name))
+    with open(os.path.join(tmp, "lora_merged.json"), "w") as f:  # provenance, for a reader of the directory
+        json.dump({"base_model": os.path.abspath(base_dir), "adapter": os.path.abspath(adapter_dir)}, f, indent=1)
+    old = f"{out_dir}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def copy_adapter(adapter_dir: str, out_dir: str) -> str:
+    """The adapter files of ``adapter_dir`` (nothing else) copied to ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ADAPTER_FILES:
+        shutil.copy2(os.path.join(adapter_dir, name), os.path.join(out_dir, name))
+    return out_dir
