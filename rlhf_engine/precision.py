@@ -124,13 +124,17 @@ class RolloutWeights:
 
     @torch.no_grad()
     def refresh(self) -> bool:
-        """Copies the master weights into the shadow if they changed; True when it copied."""
+        """Copies the master weights that changed into the shadow; True when it copied any.
+
+        NOTE: per parameter, so a LoRA run (whose frozen base never moves) copies only its adapters."""
         if not self.is_shadow:
             return False
         version = self._source_version()
         if version == self._version:
             return False
-        for dst, src in zip(self.model.parameters(), self.source.parameters(), strict=True):
-            dst.copy_(src)
+        for dst, src, now, then in zip(self.model.parameters(), self.source.parameters(), version, self._version,
+                                       strict=True):
+            if now != then:
+                dst.copy_(src)
         self._version = version
         return True

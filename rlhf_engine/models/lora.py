@@ -37,7 +37,9 @@ _PEFT_PREFIX = "base_model.model."  # peft's key prefix in adapter files (the Pe
 def _peft():
     try:
         import peft
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "peft":  # peft is there but fails to import: that error, not "not installed"
+            raise
         raise ImportError("lora_r > 0 needs the peft package, which is not installed: pip install peft (or drop "
                           "the lora_* keys)") from None
     return peft
