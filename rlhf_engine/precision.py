@@ -105,15 +105,38 @@ class LossScaler:
 class RolloutWeights:
     """The model the rollout reads: ``source`` itself in fp32 (or under FSDP, whose gathered parameters are
     already in the compute dtype), else a compute-dtype shadow copy refreshed by ``refresh()`` when the source's
-    parameters changed (their version counters move on every optimizer step)."""
+    parameters changed (their version counters move on every optimizer step).
+
+    A source with LoRA adapters gets a merged shadow: plain modules holding W + (alpha / r) B A, so the rollout
+    runs no adapter layers (measured faster, ``benchmarks/bench_lora.py``), at the same 2 bytes a parameter."""
 
     def __init__(self, source: torch.nn.Module, precision: str, *, shadow: bool = True):
+        from rlhf_engine.models.lora import has_lora, merge_plan, merged_copy
+
         self.source = source
-        self.model = frozen_copy(source, precision) if shadow and precision != "fp32" else source
-        self._version = self._source_version() if self.is_shadow else None
+        self._plan = None
+        if shadow and precision != "fp32" and has_lora(source):
+            self.model = merged_copy(source, DTYPES[precision])
+            self._plan = merge_plan(self.model, source)
+        else:
+            self.model = frozen_copy(source, precision) if shadow and precision != "fp32" else source
+        self._version = None
+        if self._plan is not None:
+            self._write_merged(lambda _: True)
+        if self.is_shadow:
+            self._version = self._source_version()
 
     def _source_version(self):
         return tuple(p._version for p in self.source.parameters())
+
+    def _write_merged(self, changed_param) -> None:
+        from rlhf_engine.models.lora import write_merged
+
+        def changed(src) -> bool:  # a parameter, or a LoRA layer (changed when any of its parameters did)
+            params = [src] if isinstance(src, torch.nn.Parameter) else list(src.parameters())
+            return any(changed_param(p) for p in params)
+
+        write_merged(self._plan, changed)
 
     @property
     def is_shadow(self) -> bool:
@@ -132,9 +155,14 @@ class RolloutWeights:
         version = self._source_version()
         if version == self._version:
             return False
-        for dst, src, now, then in zip(self.model.parameters(), self.source.parameters(), version, self._version,
-                                       strict=True):
-            if now != then:
-                dst.copy_(src)
+        if self._plan is not None:
+            moved = {id(p) for p, now, then in zip(self.source.parameters(), version, self._version, strict=True)
+                     if now != then}
+            self._write_merged(lambda p: id(p) in moved)
+        else:
+            for dst, src, now, then in zip(self.model.parameters(), self.source.parameters(), version,
+                                           self._version, strict=True):
+                if now != then:
+                    dst.copy_(src)
         self._version = version
         return True

@@ -264,3 +264,61 @@ def test_resume_with_adapters_reproduces_an_uninterrupted_run(tmp_path, model_di
     # a resume with other adapter settings is refused, naming the key
     assert main([*map(str, args), "--output-dir", str(tmp_path / "parts"), length, "6", "--resume", "--lora-r", "8",
                  "--no-progress"]) == 2
+
+
+def test_compute_dtype_rollout_reads_a_merged_shadow(model_dir, tokenizer):
+    """bf16 without FSDP: the rollout's shadow is the merged model (no adapter layers), equal to peft's own merge
+    cast to bf16, refreshed when the adapters move; the rollout on it equals HF generate on peft's merge."""
+    import copy
+
+    from rlhf_engine.models.lora import _tuner_layers
+    from rlhf_engine.precision import RolloutWeights
+
+    lm = add_lora(load_causal_lm(model_dir), r=4, alpha=16)
+    _perturb_adapters(lm, seed=3)
+    weights = RolloutWeights(lm, "bf16")
+    assert not _tuner_layers(weights.model) and not has_lora(weights.model)
+
+    def peft_merged():
+        merged = copy.deepcopy(lm)
+        for layer in _tuner_layers(merged):
+            layer.merge()
+        return merged
+
+    def assert_matches():
+        expected = {n.replace(".base_layer", ""): p for n, p in peft_merged().named_parameters() if "lora_" not in n}
+        got = dict(weights.model.named_parameters())
+        assert got.keys() == expected.keys()
+        for name, p in got.items():
+            assert p.dtype == torch.bfloat16
+            torch.testing.assert_close(p, expected[name].to(torch.bfloat16), rtol=0, atol=0, msg=name)
+
+    assert_matches()
+    assert weights.refresh() is False  # nothing moved
+    _perturb_adapters(lm, seed=4)  # an optimizer step on the adapters
+    assert weights.refresh() is True
+    assert_matches()
+    prompt = tokenizer.encode(task.format_prompt(task.make_prompts(1, seed=5)[0]), add_special_tokens=False)
+    out = RolloutEngine(weights.model).generate([prompt], SamplingParams(n=1, temperature=0.0, max_new_tokens=10))
+    reference = peft_merged().to(torch.bfloat16).eval()  # merged layers run their merged weights alone
+    with torch.no_grad():
+        tokens = reference.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[0, len(prompt):]
+    assert out[0].samples[0].token_ids == tokens.tolist()
+
+
+def test_grpo_in_bf16_with_adapters_rolls_out_on_the_merged_shadow(model_dir, tokenizer):
+    from rlhf_engine.models.lora import _tuner_layers
+
+    lm = load_causal_lm(model_dir)
+    config = PPOConfig(algorithm="grpo", iterations=2, prompts_per_iteration=2, n_samples=2, max_new_tokens=6,
+                       minibatch_size=4, lr=1e-2, seed=1, lora_r=4, lora_alpha=8, precision="bf16")
+    trainer = PPOTrainer(lm, tokenizer, config, reward_fn=lambda p, r: [float(len(x) % 5) for x in r])
+    assert trainer.engine.model is trainer.rollout_weights.model and not _tuner_layers(trainer.engine.model)
+    history = trainer.train([task.format_prompt(p) for p in task.make_prompts(4, seed=0)], progress=False)
+    assert all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)
+    assert trainer.rollout_weights.refresh() is True  # the last update moved the adapters: the shadow follows
+    q = lm.model.layers[0].self_attn.q_proj
+    merged = q.get_base_layer().weight + q.get_delta_weight("default")
+    torch.testing.assert_close(trainer.engine.model.model.layers[0].self_attn.q_proj.weight,
+                               merged.to(torch.bfloat16), rtol=0, atol=0)

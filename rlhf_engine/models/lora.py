@@ -20,6 +20,7 @@ seam both use, and works from peft 0.13.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -131,6 +132,51 @@ def as_reference(lm):
             yield lm
     finally:
         lm.train(was_training)
+
+
+def merged_copy(lm, dtype: torch.dtype):
+    """A frozen, eval-mode copy of ``lm`` in ``dtype`` with no adapter layers: each adapted module is its base
+    module again, whose weights ``write_merged`` sets to the merged ones (the rollout's shadow, see
+    ``precision.RolloutWeights``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    shadow = copy.deepcopy(lm).eval().requires_grad_(False)
+    for name, module in list(shadow.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(shadow.get_submodule(parent), child, module.get_base_layer())
+    shadow.__dict__.pop("peft_config", None)
+    return shadow.to(dtype)
+
+
+def merge_plan(shadow, lm) -> list:
+    """``(shadow parameter, source)`` for every parameter of ``merged_copy(lm)``: the source is ``lm``'s parameter
+    of the same name, or, for an adapted module's weight, the LoRA layer whose merged weight it holds."""
+    modules = dict(lm.named_modules())
+    tuners = {id(layer) for layer in _tuner_layers(lm)}
+    adapted = {name for name, module in modules.items() if id(module) in tuners}
+    plan = []
+    for name, p in shadow.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        if owner in adapted:
+            base = modules[owner].get_base_layer()
+            plan.append((p, modules[owner] if attr == "weight" else getattr(base, attr)))
+        else:
+            plan.append((p, lm.get_parameter(name)))
+    return plan
+
+
+@torch.no_grad()
+def write_merged(plan: list, changed) -> None:
+    """Updates the shadow from its plan: a merged weight W + (alpha / r) B A wherever ``changed(layer)``, a copy
+    of each other parameter where ``changed(parameter)``."""
+    for dst, src in plan:
+        if isinstance(src, torch.nn.Parameter):
+            if changed(src):
+                dst.copy_(src)
+        elif changed(src):
+            base = src.get_base_layer().weight
+            dst.copy_(base + src.get_delta_weight(ADAPTER).to(base.dtype))
 
 
 def is_adapter_dir(path: str) -> bool:
