@@ -118,7 +118,7 @@ def _offline_step(phase, model_dir, root, strategy, out, lora=False):
 
 @pytest.mark.parametrize("phase, strategy, lora", [("sft", "fsdp", False), ("sft", "ddp", False), ("rm", "fsdp", False),
                                                    ("dpo", "ddp", False), ("sft", "fsdp", True), ("rm", "ddp", True),
-                                                   ("dpo", "fsdp", True)])
+                                                   ("dpo", "fsdp", True), ("dpo", "ddp", True)])
 def test_offline_step_matches_world_size_1(setup, phase, strategy, lora):
     """(With LoRA: only the adapters and the reward model's head train; DPO's reference is the policy with its
     adapters disabled, a no-grad pass through the sharded module.)"""

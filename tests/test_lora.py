@@ -138,6 +138,7 @@ def test_dpo_reference_is_the_base_model(model_dir, tokenizer):
     finally:
         dpo_module.sequence_logprobs = real
     assert has_lora(policy) and history[-1]["loss"] != history[0]["loss"]
+    assert len(seen) == 3  # one reference pass a step
     base = CausalLMLogprobs(load_causal_lm(model_dir)).eval()
     for batch, ref in seen:  # the no-grad passes are the reference's
         expected = real(base, batch)
@@ -169,7 +170,8 @@ def test_saved_adapter_loads_in_peft_and_merges(model_dir, tmp_path):
     lm = add_lora(load_causal_lm(model_dir), r=4, alpha=8)
     _perturb_adapters(lm, seed=2)
     save_adapter(lm, str(tmp_path / "a"))
-    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                  "lora_settings.json"]
     ids = torch.randint(0, 100, (2, 9))
     other = PeftModel.from_pretrained(load_causal_lm(model_dir), str(tmp_path / "a"))
     torch.testing.assert_close(_logits(other, ids), _logits(lm, ids), rtol=1e-5, atol=1e-5)
@@ -244,7 +246,7 @@ def test_every_phase_trains_an_adapter_and_saves_the_merged_model(tmp_path, mode
 
 
 @pytest.mark.parametrize("phase", ["sft", "ppo"])
-def test_resume_with_adapters_reproduces_an_uninterrupted_run(tmp_path, model_dir, data_files, phase):
+def test_resume_with_adapters_reproduces_an_uninterrupted_run(tmp_path, model_dir, data_files, phase, capsys):
     d = data_files
     if phase == "sft":
         args = ["sft", "--model", model_dir, "--data", d / "sft.jsonl", "--max-length", 128, "--batch-size", 4,
@@ -261,9 +263,20 @@ def test_resume_with_adapters_reproduces_an_uninterrupted_run(tmp_path, model_di
     whole = read_metrics(str(tmp_path / "whole" / "metrics.jsonl"))
     parts = read_metrics(str(tmp_path / "parts" / "metrics.jsonl"))
     assert [[r[k] for k in keys] for r in parts] == [[r[k] for k in keys] for r in whole]
-    # a resume with other adapter settings is refused, naming the key
-    assert main([*map(str, args), "--output-dir", str(tmp_path / "parts"), length, "6", "--resume", "--lora-r", "8",
+    # a resume with other adapter settings, or none, is refused, naming the key; so is an adapter on a full run's
+    for flags, key in (["--lora-r", 8], "lora_r"), (["--lora-target-modules", "q_proj"], "lora_target_modules"), (
+            ["--lora-r", 0], "lora_r"):
+        again = [*map(str, args), "--output-dir", str(tmp_path / "parts"), length, "6", "--resume", *map(str, flags)]
+        capsys.readouterr()
+        assert main([*again, "--no-progress"]) == 2
+        assert f"{key}: " in capsys.readouterr().err
+    full = args[: -len(LORA)]  # (args end with the LoRA flags)
+    assert args[-len(LORA):] == LORA
+    _cli(*full, "--output-dir", tmp_path / "full", length, 2)
+    capsys.readouterr()
+    assert main([*map(str, full), *map(str, LORA), "--output-dir", str(tmp_path / "full"), length, "4", "--resume",
                  "--no-progress"]) == 2
+    assert "is a checkpoint of full fine-tuning" in capsys.readouterr().err
 
 
 def test_compute_dtype_rollout_reads_a_merged_shadow(model_dir, tokenizer):
@@ -322,3 +335,74 @@ def test_grpo_in_bf16_with_adapters_rolls_out_on_the_merged_shadow(model_dir, to
     merged = q.get_base_layer().weight + q.get_delta_weight("default")
     torch.testing.assert_close(trainer.engine.model.model.layers[0].self_attn.q_proj.weight,
                                merged.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_projections_adapt_roll_out_and_merge(tmp_path):
+    """GPT-2's projections are Conv1D ([in, out] weights): adapted with fan_in_fan_out, rolled out through the
+    adapted modules, merged into the shadow the right way round."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_engine.models.lora import _tuner_layers
+    from rlhf_engine.precision import RolloutWeights
+
+    config = AutoConfig.for_model("gpt2", vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "fan_in_fan_out is set to False" from peft
+        add_lora(lm, r=4, alpha=8)
+    assert {type(layer.get_base_layer()).__name__ for layer in _tuner_layers(lm)} == {"Conv1D"}
+    _perturb_adapters(lm, seed=5)
+    prompt = [1, 5, 7, 9]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        adapted = lm.generate(torch.tensor([prompt]), **kwargs)[0, len(prompt):].tolist()
+        with adapters_disabled(lm):
+            plain = lm.generate(torch.tensor([prompt]), **kwargs)[0, len(prompt):].tolist()
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    assert RolloutEngine(lm).generate([prompt], params)[0].samples[0].token_ids == adapted != plain
+    shadow = RolloutWeights(lm, "bf16").model
+    c_proj = lm.transformer.h[0].attn.c_proj  # square [32, 32]: a wrong orientation would still fit
+    a, b = c_proj.lora_A["default"].weight, c_proj.lora_B["default"].weight  # [r, in], [out, r]
+    expected = c_proj.get_base_layer().weight + (b @ a).T * (8 / 4)  # Conv1D holds W as [in, out]
+    # within bf16's rounding of each value (half an ulp: 2^-9 relative)
+    torch.testing.assert_close(shadow.transformer.h[0].attn.c_proj.weight.float(), expected.detach(),
+                               rtol=2**-8, atol=1e-30)
+
+
+def test_adapters_trained_before_need_a_reference(model_dir, tokenizer):
+    """Disabled, adapters that were trained before give the base model, not the policy as it starts: refused
+    unless a reference is given."""
+    policy = add_lora(load_causal_lm(model_dir), r=4, alpha=8)
+    _perturb_adapters(policy)
+    config = DPOConfig(steps=1, batch_size=4, max_length=96, lora_r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match="train_dpo: the policy carries LoRA adapters trained before"):
+        train_dpo(policy, tokenizer, _pairs(4, seed=1), config, progress=False)
+    ppo = PPOConfig(algorithm="grpo", iterations=1, prompts_per_iteration=2, n_samples=2, max_new_tokens=4,
+                    minibatch_size=4, lora_r=4, lora_alpha=8)
+    trainer = PPOTrainer(policy, tokenizer, ppo, reward_fn=lambda p, r: [0.0] * len(r))
+    with pytest.raises(ValueError, match="PPOTrainer: the policy carries LoRA adapters trained before"):
+        trainer.train(["a prompt"], progress=False)
+    with pytest.raises(ValueError, match="lora_dropout = 0.1: the PPO family trains without dropout"):
+        PPOConfig(lora_r=4, lora_dropout=0.1)
+
+
+def test_tied_and_wrapped_models(model_dir, tmp_path):
+    """A tied LM head cannot be adapted alone (refused, naming it); a peft PeftModel is taken as its model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt2", vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    with pytest.raises(ValueError, match="lora_target_modules: .* is tied to"):
+        add_lora(AutoModelForCausalLM.from_config(config), r=4, alpha=8, target_modules=["lm_head", "c_attn"])
+    wrapped = get_peft_model(load_causal_lm(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    _perturb_adapters(wrapped, seed=6)
+    rm = ScalarHeadModel(wrapped)
+    assert has_lora(rm.lm) and type(rm.lm).__name__ == "LlamaForCausalLM"
+    rm.save_pretrained(str(tmp_path / "rm"))
+    ids = torch.randint(0, 100, (2, 7))
+    again = PeftModel.from_pretrained(load_causal_lm(model_dir), str(tmp_path / "rm"))
+    torch.testing.assert_close(_logits(again, ids), _logits(rm.lm, ids), rtol=1e-5, atol=1e-5)

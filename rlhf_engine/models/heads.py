@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from rlhf_engine.models.lora import has_lora, save_adapter
+from rlhf_engine.models.lora import has_lora, save_adapter, unwrap_peft
 from rlhf_engine.ops import linear_logprobs
 
 HEAD_FILE = "scalar_head.safetensors"
@@ -80,7 +80,7 @@ class CausalLMLogprobs(nn.Module):
 
     def __init__(self, lm):
         super().__init__()
-        self.lm = lm
+        self.lm = unwrap_peft(lm)
         self.transform = logit_transform(lm.config)  # soft-capping, logit scales: fused into linear_logprobs
 
     def forward(self, input_ids, attention_mask, targets, *, position_ids=None, temperature: float = 1.0,
@@ -156,7 +156,7 @@ class ScalarHeadModel(nn.Module):
 
     def __init__(self, lm, head: nn.Linear | None = None):
         super().__init__()
-        self.lm = lm
+        self.lm = lm = unwrap_peft(lm)
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         self.head = head if head is not None else nn.Linear(hidden, 1)
         if head is None:

@@ -75,8 +75,8 @@ def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.dev
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, found {dtype!r}")
     if os.path.isdir(path) and is_adapter_dir(path):
         if not base:
-            raise ValueError(f"model: {path!r} holds a LoRA adapter, not a whole model: load it onto its base model "
-                             f"(base=, the run's `model:`)")
+            raise ValueError(f"model: {path!r} holds a LoRA adapter, not a whole model: use the merged model its run "
+                             f"wrote to output_dir/model (or load the adapter onto its base model: base=)")
         return load_lora(load_causal_lm(base, dtype=dtype, device=device), path, lora).to(device)
     _check_dir(path, "model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True)

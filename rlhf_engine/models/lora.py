@@ -31,6 +31,7 @@ import torch
 ADAPTER = "default"  # peft's name for a model's one adapter
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+SETTINGS_FILE = "lora_settings.json"  # the run's lora_* keys as given, checked on resume
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _PEFT_PREFIX = "base_model.model."  # peft's key prefix in adapter files (the PeftModel -> LoraModel -> model path)
 
@@ -53,8 +54,24 @@ def _tuner_layers(lm) -> list:
 
 
 def has_lora(lm) -> bool:
-    """Whether ``lm`` carries peft adapters injected in place (by ``add_lora`` or ``load_lora``)."""
-    return ADAPTER in (getattr(lm, "peft_config", None) or {})
+    """Whether ``lm`` carries peft adapters injected in place (by ``add_lora`` or ``load_lora``); adapters of
+    another name than peft's default (several, or a renamed one) are refused, naming them."""
+    names = list(getattr(lm, "peft_config", None) or {})
+    if names and names != [ADAPTER]:
+        raise ValueError(f"{type(lm).__name__} carries the adapters {names}: rlhf-engine trains one adapter named "
+                         f"{ADAPTER!r}; merge or delete the others first")
+    return bool(names)
+
+
+TRAINED_ADAPTERS_ERROR = (
+    "{who}: the policy carries LoRA adapters trained before (some lora_B != 0), so with them disabled it is the "
+    "base model, not the policy as it starts: pass reference= (e.g. rlhf_engine.precision.frozen_copy(policy, "
+    "precision)), or merge the adapters into the weights and start new ones")
+
+
+def trained_adapters(lm) -> bool:
+    """Whether ``lm``'s adapters differ from their start (some B != 0): with them disabled it is not itself."""
+    return any("lora_B" in name and bool(p.detach().ne(0).any()) for name, p in lm.named_parameters())
 
 
 def unwrap_peft(model):
@@ -85,9 +102,14 @@ def add_lora(lm, *, r: int, alpha: float, dropout: float = 0.0, target_modules=(
     Linear of the body; never the LM head).
     """
     peft = _peft()
+    # GPT-2's projections are transformers' Conv1D ([in, out] weights): peft needs fan_in_fan_out for them
+    conv1d = any(type(m).__name__ == "Conv1D" for m in lm.modules())
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_peft_targets(target_modules),
-                             bias="none", base_model_name_or_path=getattr(lm, "name_or_path", None) or None)
-    return _inject(lm, config, "lora_target_modules")
+                             bias="none", fan_in_fan_out=conv1d,
+                             base_model_name_or_path=getattr(lm, "name_or_path", None) or None)
+    _inject(lm, config, "lora_target_modules")
+    lm._rlhf_lora_settings = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
+    return lm
 
 
 def _inject(lm, config, what: str):
@@ -103,6 +125,14 @@ def _inject(lm, config, what: str):
                          f"all-linear)") from None
     if not _tuner_layers(lm):
         raise ValueError(f"{what}: no module of {type(lm).__name__} was adapted")
+    names: dict[int, list[str]] = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for layer in _tuner_layers(lm):
+        shared = names.get(id(layer.get_base_layer().weight), [])
+        if len(shared) > 1:  # a tied LM head / embedding: one weight, two modules, only one of them adapted
+            raise ValueError(f"{what}: {shared[0]} is tied to {shared[1]} (one weight for both): adapting one of "
+                             f"them is not supported; leave it out of lora_target_modules")
     return lm
 
 
@@ -194,6 +224,10 @@ def save_adapter(lm, path: str, state_dict: dict | None = None) -> None:
     tensors = {_PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     lm.peft_config[ADAPTER].save_pretrained(path)
     save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    settings = getattr(lm, "_rlhf_lora_settings", None)
+    if settings is not None:
+        with open(os.path.join(path, SETTINGS_FILE), "w") as f:
+            json.dump(settings, f)
 
 
 def load_lora(lm, path: str, settings: dict | None = None):
@@ -204,14 +238,26 @@ def load_lora(lm, path: str, settings: dict | None = None):
     from safetensors.torch import load_file
 
     saved = peft.LoraConfig.from_pretrained(path)
-    if settings is not None:
-        for key, field, mine in (("r", "lora_r", settings["r"]), ("lora_alpha", "lora_alpha", settings["alpha"]),
-                                 ("lora_dropout", "lora_dropout", settings["dropout"])):
-            if float(getattr(saved, key)) != float(mine):
-                raise ValueError(f"{field}: the adapter at {path!r} has {key} = {getattr(saved, key)} but the "
-                                 f"config says {mine}; use the run's own lora_* values to resume it")
+    if settings is None:
+        raise ValueError(f"lora_r: {path!r} holds a LoRA adapter but the config's lora_r is 0: resume with the run's "
+                         f"own lora_* values")
+    for key, field, mine in (("r", "lora_r", settings["r"]), ("lora_alpha", "lora_alpha", settings["alpha"]),
+                             ("lora_dropout", "lora_dropout", settings["dropout"])):
+        if float(getattr(saved, key)) != float(mine):
+            raise ValueError(f"{field}: the adapter at {path!r} has {key} = {getattr(saved, key)} but the config "
+                             f"says {mine}; use the run's own lora_* values to resume it")
+    recorded = dict(settings)
+    if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
+        with open(os.path.join(path, SETTINGS_FILE)) as f:
+            recorded = {**json.load(f), **{k: v for k, v in settings.items() if k != "target_modules"}}
+        targets, mine = recorded["target_modules"], settings.get("target_modules")
+        if mine is not None and list(targets) != list(mine):
+            raise ValueError(f"lora_target_modules: the adapter at {path!r} was trained on {targets} but the config "
+                             f"says {mine}; use the run's own lora_* values to resume it")
     saved.inference_mode = False
     _inject(lm, saved, f"adapter at {path!r}")
+    if "target_modules" in recorded:  # what a checkpoint of the resumed run records again
+        lm._rlhf_lora_settings = recorded
     weights = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(os.path.join(path, WEIGHTS_FILE)).items()}
     result = peft.set_peft_model_state_dict(lm, weights, adapter_name=ADAPTER)
     missing = [k for k in result.missing_keys if "lora_" in k]
@@ -239,7 +285,8 @@ def export_merged(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     merged.save_pretrained(tmp)
     for name in os.listdir(adapter_dir):
         source = os.path.join(adapter_dir, name)
-        if name not in ADAPTER_FILES and os.path.isfile(source) and not os.path.exists(os.path.join(tmp, name)):
+        if (name not in (*ADAPTER_FILES, SETTINGS_FILE) and os.path.isfile(source)
+                and not os.path.exists(os.path.join(tmp, name))):
             shutil.copy2(source, os.path.join(tmp, name))
     with open(os.path.join(tmp, "lora_merged.json"), "w") as f:  # provenance, for a reader of the directory
         json.dump({"base_model": os.path.abspath(base_dir), "adapter": os.path.abspath(adapter_dir)}, f, indent=1)
@@ -251,9 +298,17 @@ def export_merged(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     return out_dir
 
 
-def copy_adapter(adapter_dir: str, out_dir: str) -> str:
-    """The adapter files of ``adapter_dir`` (nothing else) copied to ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name in ADAPTER_FILES:
-        shutil.copy2(os.path.join(adapter_dir, name), os.path.join(out_dir, name))
+def copy_adapter(adapter_dir: str, out_dir: str, extra: tuple[str, ...] = ()) -> str:
+    """The adapter files of ``adapter_dir`` and those of ``extra`` it has (a reward model's head) copied to
+    ``out_dir``, through a temporary directory and a rename."""
+    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in (*ADAPTER_FILES, *extra):
+        if os.path.isfile(os.path.join(adapter_dir, name)):
+            shutil.copy2(os.path.join(adapter_dir, name), os.path.join(tmp, name))
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -27,7 +27,7 @@ from rlhf_engine.data.sft import IGNORE_INDEX, SFTBatch
 from rlhf_engine.distributed import DistInfo
 from rlhf_engine.models.heads import CausalLMLogprobs
 from rlhf_engine.models.loading import prepare_lora
-from rlhf_engine.models.lora import as_reference, unwrap_peft
+from rlhf_engine.models.lora import TRAINED_ADAPTERS_ERROR, as_reference, has_lora, trained_adapters, unwrap_peft
 from rlhf_engine.precision import autocast, frozen_copy
 from rlhf_engine.trainers.common import TrainConfig, Trainer, move, option
 from rlhf_engine.trainers.reward import pair_batch
@@ -100,6 +100,8 @@ def train_dpo(policy, tokenizer, pairs, config: DPOConfig, *, reference=None, pr
     policy = unwrap_peft(policy)
     device = next(policy.parameters()).device
     # LoRA: the reference is the policy with its adapters disabled, no second copy of the weights
+    if reference is None and resume_from is None and has_lora(policy) and trained_adapters(policy):
+        raise ValueError(TRAINED_ADAPTERS_ERROR.format(who="train_dpo"))
     if reference is None and not prepare_lora(policy, config):
         reference = frozen_copy(policy, config.precision)  # frozen: held in the compute dtype, no fp32 master
     if reference is not None:

@@ -24,7 +24,7 @@ from rlhf_engine.data.readers import read_data
 from rlhf_engine.distributed import DistInfo, init_distributed, local_device
 from rlhf_engine.metrics import METRICS_FILE, fmt, format_table, plot_curves, read_metrics
 from rlhf_engine.models import load_causal_lm, load_tokenizer
-from rlhf_engine.models.heads import ScalarHeadModel
+from rlhf_engine.models.heads import HEAD_CONFIG, HEAD_FILE, ScalarHeadModel
 from rlhf_engine.models.lora import copy_adapter, export_merged, is_adapter_dir, lora_settings
 from rlhf_engine.precision import DTYPE_NAMES, set_tf32
 from rlhf_engine.trainers.common import resolve_device, resume_checkpoint
@@ -67,9 +67,9 @@ def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, di
     if not dist.is_main:
         return {}
     last_checkpoint = os.path.join(latest_checkpoint(config.output_dir), saved)
-    if is_adapter_dir(last_checkpoint):  # LoRA: the adapter as trained, and the merged model for the next phase
-        copy_adapter(last_checkpoint, os.path.join(config.output_dir, ADAPTER_DIR))
+    if is_adapter_dir(last_checkpoint):  # LoRA: the merged model for the next phase, and the adapter as trained
         export_merged(config.model, last_checkpoint, os.path.join(config.output_dir, MODEL_DIR))
+        copy_adapter(last_checkpoint, os.path.join(config.output_dir, ADAPTER_DIR), extra=(HEAD_FILE, HEAD_CONFIG))
     else:
         copy_model_atomic(last_checkpoint, os.path.join(config.output_dir, MODEL_DIR))
     history = read_metrics(os.path.join(config.output_dir, METRICS_FILE))
@@ -87,10 +87,19 @@ def _finish(config, phase: str, keys: list[str], extra: dict, seconds: float, di
     return summary
 
 
+def _check_resume_kind(config, path: str) -> None:
+    """A checkpoint of a full fine-tune resumed with lora_r > 0 (an adapter resumed with lora_r 0 is load_lora's)."""
+    if config.lora_r and not is_adapter_dir(path):
+        raise ValueError(f"lora_r: {path!r} is a checkpoint of full fine-tuning but the config's lora_r is "
+                         f"{config.lora_r}: resume with the run's own lora_* values (lora_r: 0)")
+
+
 def _load_policy(config, resume: str | None, device, tokenizer):
     """The trained causal LM: from the checkpoint being resumed, else from ``config.model``; vocabulary checked."""
     # trained: fp32 master weights whatever the precision (the compute dtype comes from autocast / FSDP's policy)
     # (a LoRA run's checkpoint holds the adapter: it loads onto config.model)
+    if resume:
+        _check_resume_kind(config, os.path.join(resume, "policy"))
     policy = load_causal_lm(os.path.join(resume, "policy") if resume else config.model, device=device,
                             base=config.model, lora=lora_settings(config))
     check_vocab(tokenizer, policy)
@@ -125,6 +134,8 @@ def run_reward(config, *, progress: bool = True) -> dict:
     device, resume, dist = _start(config, "reward")
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     source = os.path.join(resume, "reward_model") if resume else config.model
+    if resume:
+        _check_resume_kind(config, source)
     model = ScalarHeadModel.from_pretrained(source, device=device, init_head=True, base=config.model,
                                             lora=lora_settings(config))
     check_vocab(tokenizer, model)

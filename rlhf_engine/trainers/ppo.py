@@ -29,7 +29,7 @@ from rlhf_engine.data.jsonl import as_records
 from rlhf_engine.distributed import DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.models.heads import CausalLMLogprobs, ScalarHeadModel
 from rlhf_engine.models.loading import checkpoint_in_eval_mode, enable_gradient_checkpointing, prepare_lora
-from rlhf_engine.models.lora import unwrap_peft
+from rlhf_engine.models.lora import TRAINED_ADAPTERS_ERROR, has_lora, trained_adapters, unwrap_peft
 from rlhf_engine.ops import (
     AGG_MODES,
     POLICY_LOSSES,
@@ -130,6 +130,9 @@ class PPOConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.lora_r and self.lora_dropout:
+            raise ValueError(f"PPOConfig.lora_dropout = {self.lora_dropout}: the PPO family trains without dropout "
+                             f"(its training forward must match the rollout's log-probs); set lora_dropout: 0")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"PPOConfig.algorithm must be one of {list(ALGORITHMS)}, found {self.algorithm!r}")
         if self.n_samples is None:
@@ -212,6 +215,8 @@ class PPOTrainer(ExperienceMaker):
         # the frozen reference is the policy as it starts (a resumed run passes the original model instead),
         # frozen, so held in the compute dtype (no fp32 master); with LoRA it is the policy with its adapters
         # disabled (None here): no second copy of the weights
+        # an adapter trained before this run, with no reference given: checked by train() unless it resumes
+        self._trained_adapters = reference is None and has_lora(policy) and trained_adapters(policy)
         self.lora = prepare_lora(policy, config)
         self.reference = reference
         if reference is None and not self.lora:
@@ -447,6 +452,8 @@ class PPOTrainer(ExperienceMaker):
         """
         if not prompts:
             raise ValueError("PPOTrainer.train: prompts is empty")
+        if self._trained_adapters and resume_from is None:
+            raise ValueError(TRAINED_ADAPTERS_ERROR.format(who="PPOTrainer"))
         prompts = as_records(prompts, "prompts", "prompts")
         self._prompt_source = prompts
         from rlhf_engine.progress import progress_bar
