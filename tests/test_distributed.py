@@ -78,16 +78,18 @@ def _close(a: dict, b: dict, atol=1e-5):
 # -- one SFT step ------------------------------------------------------------------------------------------------
 
 
-def _with_lora(model, common: dict):
-    """The same adapters on every rank and at world size 1; B != 0, so that A has a gradient too."""
+def _with_lora(model, common: dict, trained: bool = True):
+    """The same adapters on every rank and at world size 1; ``trained``: B != 0, so that A has a gradient too
+    (DPO refuses that without a reference: its reference is the model with its adapters disabled)."""
     from rlhf_engine.models.lora import add_lora
 
     torch.manual_seed(0)
     add_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
+    if trained:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.1)
     common.update(lora_r=4, lora_alpha=8)
 
 
@@ -99,7 +101,7 @@ def _offline_step(phase, model_dir, root, strategy, out, lora=False):
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
     common = dict(steps=1, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=0, max_length=128, strategy=strategy)
     if lora:
-        _with_lora(model, common)
+        _with_lora(model, common, trained=phase != "dpo")
     if phase == "sft":
         rows = train_sft(model, tokenizer, read_jsonl(str(root / "sft.jsonl"), "sft"), SFTConfig(**common),
                          progress=False, dist=info)
