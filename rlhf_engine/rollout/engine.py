@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_engine import kv_cache
-from rlhf_engine.rollout.families import family_for
+from rlhf_engine.models.loading import max_positions
+from rlhf_engine.rollout import hf_bridge
+from rlhf_engine.rollout.families import SUPPORTED, family_for
 from rlhf_engine.rollout.sampling import SamplingParams, sample
 
 
@@ -51,7 +53,16 @@ class _Sequence:
 
 
 ATTENTION_BACKENDS = ("auto", "paged", "flash")
+FORWARDS = ("auto", "model", "family")
 FLASH_BLOCK = 256  # flash-attn 2's paged KV cache needs a page size that is a multiple of 256
+
+
+def _fsdp_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _flash_with_kvcache():
@@ -67,14 +78,23 @@ class RolloutEngine:
     """Generation on the paged KV cache over a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2)."""
 
     def __init__(self, model, *, block_size: int | None = None, max_num_seqs: int = 256,
-                 max_num_blocks: int | None = None, attention: str = "auto"):
+                 max_num_blocks: int | None = None, attention: str = "auto", forward: str = "auto"):
         """``max_num_blocks=None`` sizes the KV pool per call from the prompts, n and max_new_tokens.
 
         ``attention``: decode attention over the paged cache. ``flash`` is flash-attn's ``flash_attn_with_kvcache``
         with the block table (CUDA, fp16/bf16, block_size a multiple of 256); ``paged`` is ``_C.paged_attention``
         (CPU or CUDA); ``auto`` takes flash when it can run and paged otherwise. ``block_size=None`` is 256 on the
         flash path and 16 elsewhere.
+
+        ``forward``: ``model`` runs the model's own transformers modules with our attention function
+        (``hf_bridge``: any architecture whose attention goes through transformers' attention interface);
+        ``family`` the hand-written forward of Llama / Mistral / Qwen2 / GPT-2 (``families``); ``auto`` is
+        ``model``, except on an FSDP2-sharded model, where it is ``family``: the model's own forward would run
+        FSDP's hooks (an all-gather per layer, a collective that ranks decoding different numbers of steps
+        cannot join), while the families call the gathered modules' weights directly.
         """
+        if forward not in FORWARDS:
+            raise ValueError(f"RolloutEngine: forward must be one of {list(FORWARDS)}, found {forward!r}")
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"RolloutEngine: attention must be one of {list(ATTENTION_BACKENDS)}, found {attention!r}")
         param = next(model.parameters())
@@ -90,7 +110,24 @@ class RolloutEngine:
                 f"RolloutEngine: max_num_blocks must be a positive int or None, found {max_num_blocks!r}"
             )
         self.model = model
-        self.family = family_for(model)
+        sharded = _fsdp_sharded(model)
+        if forward == "auto":
+            forward = "family" if sharded else "model"
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        if sharded and (forward == "model" or model_type not in SUPPORTED):
+            raise ValueError(f"RolloutEngine: {model_type!r} is FSDP2-sharded, and the model's own forward cannot run "
+                             f"there yet (FSDP's hooks would all-gather inside each decode step, a collective ranks "
+                             f"decoding different numbers of steps cannot join); under FSDP the rollout runs the "
+                             f"hand-written {', '.join(SUPPORTED)}: use strategy: ddp for this model")
+        self.family = family_for(model) if forward == "family" else None
+        if self.family is None:
+            hf_bridge.check_model(model)
+            self.vocab_size = model.get_output_embeddings().weight.shape[0]
+            self.max_positions = max_positions(model)
+            self.sliding_window = hf_bridge.sliding_window(model)
+        else:
+            self.vocab_size, self.max_positions = self.family.vocab_size, self.family.max_positions
+            self.sliding_window = self.family.sliding_window
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_blocks = max_num_blocks
@@ -140,12 +177,15 @@ class RolloutEngine:
     def _ensure_pool(self, num_blocks: int) -> None:
         if self.pool is not None and self.pool.num_blocks() >= num_blocks:
             return
+        self.pool = kv_cache.BlockPool(num_blocks, self.block_size)
         fam = self.family
+        if fam is None:  # the model's own modules: each layer's pool is made on its first write (its KV shape)
+            self.caches = []
+            return
         shape = (num_blocks, self.block_size, fam.num_kv_heads, fam.head_dim)  # per layer, K and V
         options = dict(dtype=self.dtype, device=self.device)
         # NOTE: zeros, not empty: a gathered block's unused tail is masked out, but 0 * NaN would still be NaN
         self.caches = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in fam.layers]
-        self.pool = kv_cache.BlockPool(num_blocks, self.block_size)
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -180,6 +220,24 @@ class RolloutEngine:
             hidden = fam.attention_output(index, hidden, out[0].transpose(0, 1).flatten(1))
         return fam.logits(hidden[-1:])[0]
 
+    def _prefill_packed(self, entries: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Every ``(seq_id, prompt, num_cached)`` prompt's new tokens in one forward of the model's own modules
+        (packed into one row, each prompt attending only to itself) -> the logits at each prompt's last token
+        [len(entries), V]."""
+        ids, positions, slots, segments, rows = [], [], [], [], []
+        for seq_id, prompt, num_cached in entries:
+            start = len(ids)
+            ids += prompt[num_cached:]
+            positions += range(num_cached, len(prompt))
+            slots += self.pool.slot_mapping(seq_id, num_cached, len(prompt))
+            table = torch.tensor(self.pool.block_table(seq_id), dtype=torch.long, device=self.device)
+            segments.append(hf_bridge.Segment(start, len(ids), num_cached, table))
+            rows.append(len(ids) - 1)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        step = hf_bridge.Step(self.caches, self.pool.num_blocks(), self.block_size, as_tensor(slots),
+                              segments=segments)
+        return hf_bridge.forward(self.model, step, as_tensor(ids), as_tensor(positions), as_tensor(rows))
+
     def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
         """One token per live sequence: reserves its slot (copy-on-write as needed), returns logits [N, V]."""
         fam = self.family
@@ -202,6 +260,14 @@ class RolloutEngine:
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         if self._flash is not None:  # flash-attn takes int32 tables and lengths
             block_tables32, context_lens32 = block_tables.int(), context_lens.int()
+        if fam is None:  # the model's own modules
+            step = hf_bridge.Step(self.caches, self.pool.num_blocks(), self.block_size, slot_t,
+                                  block_tables=block_tables, context_lens=context_lens, flash=self._flash,
+                                  flash_args=(block_tables32, context_lens32) if self._flash is not None else ())
+            logits = hf_bridge.forward(self.model, step, ids, positions, torch.arange(len(seqs), device=self.device))
+            for s in seqs:
+                s.length += 1
+            return logits
         hidden, rope = fam.embed(ids, positions)
         for index, (key_cache, value_cache) in enumerate(self.caches):
             q, k, v = fam.attention_inputs(index, hidden, rope)
@@ -226,8 +292,7 @@ class RolloutEngine:
             raise TypeError(f"generate: params must be a SamplingParams, found {type(params).__name__}")
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("generate: prompts must be a non-empty list of token-id lists")
-        vocab, max_pos = self.family.vocab_size, self.family.max_positions
-        window = self.family.sliding_window
+        vocab, max_pos, window = self.vocab_size, self.max_positions, self.sliding_window
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, (list, tuple)) or not prompt:
                 raise ValueError(f"generate: prompts[{i}] must be a non-empty list of token ids")
@@ -283,15 +348,18 @@ class RolloutEngine:
                 # admission, a whole prompt group at a time: every sequence's worst case (its own blocks, shared
                 # ones counted again) must fit in the pool beside the live ones, so no decode step runs dry
                 reserved = sum(per_seq[s.prompt_index] for s in live)
+                admitted: list[int] = []
                 while waiting:
                     index = waiting[0]
                     group_need = per_seq[index] * params.n
-                    if len(live) + params.n > self.max_num_seqs or reserved + group_need > self.pool.num_blocks():
+                    seqs_after = len(live) + params.n * (len(admitted) + 1)
+                    if seqs_after > self.max_num_seqs or reserved + group_need > self.pool.num_blocks():
                         break
                     waiting.pop(0)
                     reserved += group_need
-                    live.extend(self._start_group(index, prompts[index], params, generator, stats, sample_index))
-                    stats["forward_calls"] += 1
+                    admitted.append(index)
+                if admitted:
+                    live.extend(self._start_groups(admitted, prompts, params, generator, stats, sample_index))
                     live = self._retire(live, params, results, sample_index)
                 if not live:
                     continue
@@ -311,22 +379,35 @@ class RolloutEngine:
         self.stats = stats
         return results
 
-    def _start_group(self, index, prompt, params, generator, stats, sample_index) -> list[_Sequence]:
-        parent = self._new_seq_id()
-        num_cached = self.pool.allocate_prompt(parent, prompt)  # leading blocks already cached are reused
-        stats["reused_prefix_tokens"] += num_cached
-        stats["prefill_tokens"] += len(prompt) - num_cached
-        logits = self._prefill(parent, prompt, num_cached)
-        seqs = [_Sequence(parent, index, len(prompt))]
-        for _ in range(params.n - 1):
-            child = self._new_seq_id()
-            self.pool.fork(parent, child)
-            seqs.append(_Sequence(child, index, len(prompt)))
-        tokens, logprobs = sample(logits[None].expand(params.n, -1), params, generator)
-        for k, (s, t, lp) in enumerate(zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True)):
-            s.tokens.append(t)
-            s.logprobs.append(lp)
-            sample_index[s.seq_id] = k
+    def _start_groups(self, admitted, prompts, params, generator, stats, sample_index) -> list[_Sequence]:
+        """Prefills the ``admitted`` prompts (one forward for all of them on the model's own modules; one each on
+        a hand-written family), forks each into its n samples and samples their first tokens."""
+        entries = []
+        for index in admitted:
+            parent = self._new_seq_id()
+            num_cached = self.pool.allocate_prompt(parent, prompts[index])  # leading cached blocks are reused
+            stats["reused_prefix_tokens"] += num_cached
+            stats["prefill_tokens"] += len(prompts[index]) - num_cached
+            entries.append((parent, prompts[index], num_cached))
+        if self.family is None:
+            all_logits = self._prefill_packed(entries)
+            stats["forward_calls"] += 1
+        else:
+            all_logits = [self._prefill(*entry) for entry in entries]
+            stats["forward_calls"] += len(entries)
+        seqs = []
+        for index, (parent, prompt, _), logits in zip(admitted, entries, all_logits, strict=True):
+            group = [_Sequence(parent, index, len(prompt))]
+            for _ in range(params.n - 1):
+                child = self._new_seq_id()
+                self.pool.fork(parent, child)
+                group.append(_Sequence(child, index, len(prompt)))
+            tokens, logprobs = sample(logits[None].expand(params.n, -1), params, generator)
+            for k, (s, t, lp) in enumerate(zip(group, tokens.tolist(), logprobs.tolist(), strict=True)):
+                s.tokens.append(t)
+                s.logprobs.append(lp)
+                sample_index[s.seq_id] = k
+            seqs.extend(group)
         return seqs
 
     def _retire(self, live, params, results, sample_index) -> list[_Sequence]:

@@ -1,0 +1,125 @@
+"""The rollout on the model's own transformers modules (``hf_bridge``) across architectures: greedy tokens equal
+HF ``generate``, sampled log-probs equal a teacher-forced forward, one prefill shared by the n samples, several
+prompts prefilled in one forward. Tiny random configs built locally (nothing downloaded)."""
+
+import pytest
+import torch
+
+from rlhf_engine.ops import token_logprobs
+from rlhf_engine.rollout import RolloutEngine, SamplingParams
+
+VOCAB = 97
+# every config: 2 layers, hidden 32, 4 heads of 8 (2 KV heads where the architecture has GQA); initializer_range
+# 0.2 (10x the default) spreads the logits, so that greedy decoding has no near-ties that two correct summation
+# orders could break differently
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, initializer_range=0.2)
+GQA = dict(num_key_value_heads=2)
+ARCHITECTURES = {
+    "llama": {**GQA},
+    "mistral": {**GQA, "sliding_window": 4096},
+    "qwen2": {"num_key_value_heads": 1},
+    "qwen3": {**GQA, "head_dim": 8},  # q/k norms
+    "qwen3_moe": {**GQA, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                  "decoder_sparse_step": 1},
+    "mixtral": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gemma3_text": {**GQA, "head_dim": 8, "query_pre_attn_scalar": 12, "sliding_window": 4096},
+    "phi3": {**GQA, "pad_token_id": 0},
+    "olmo2": {**GQA},
+    "granite": {**GQA, "attention_multiplier": 0.3, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                "logits_scaling": 4.0},  # non-default attention scaling and logit scale
+    "gpt_neox": {"rotary_pct": 0.5},  # partial rotary
+    "gpt2": None,
+}
+
+
+def build(kind: str, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_engine.models import load_causal_lm
+
+    if kind == "gpt2":
+        config = AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                      initializer_range=0.2)
+    else:
+        config = AutoConfig.for_model(kind, **COMMON, **ARCHITECTURES[kind])
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    return load_causal_lm(str(tmp_path)).eval()
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def model(request, tmp_path_factory):
+    return build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def prompts(seed=0, lengths=(5, 17, 1, 33)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt, new_tokens):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_hf_generate(model):
+    batch = prompts()
+    engine = RolloutEngine(model, block_size=4)
+    outputs = engine.generate(batch, SamplingParams(temperature=0.0, max_new_tokens=10))
+    for prompt, out in zip(batch, outputs, strict=True):
+        assert out.samples[0].token_ids == hf_greedy(model, prompt, 10)
+    assert engine.stats["forward_calls"] == 1 + 9  # every prompt prefilled in one forward, then 9 decode steps
+    assert engine.pool.num_free_blocks() == engine.pool.num_blocks()
+
+
+def test_sampled_logprobs_equal_a_teacher_forced_forward(model):
+    batch = prompts(seed=1, lengths=(9, 14))
+    engine = RolloutEngine(model, block_size=4)
+    params = SamplingParams(n=4, temperature=0.8, max_new_tokens=7, seed=5)
+    outputs = engine.generate(batch, params)
+    # one prefill for the n samples of each prompt
+    assert engine.stats["prefill_tokens"] + engine.stats["reused_prefix_tokens"] == sum(map(len, batch))
+    for prompt, out in zip(batch, outputs, strict=True):
+        for sample in out.samples:
+            ids = torch.tensor([prompt + sample.token_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1 : -1]
+            expected = token_logprobs(logits, torch.tensor(sample.token_ids), temperature=0.8)
+            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_a_shared_prefix_is_reused_within_one_prefill(model):
+    """Two prompts with the same 8 leading tokens admitted together: the second reuses the first's blocks, which
+    the same forward writes before it reads them."""
+    head = prompts(seed=2, lengths=(8,))[0]
+    batch = [head + [3, 4, 5], head + [6, 7]]
+    engine = RolloutEngine(model, block_size=4)
+    outputs = engine.generate(batch, SamplingParams(temperature=0.0, max_new_tokens=6))
+    assert engine.stats["reused_prefix_tokens"] == 8
+    for prompt, out in zip(batch, outputs, strict=True):
+        assert out.samples[0].token_ids == hf_greedy(model, prompt, 6)
+
+
+def test_the_training_attention_is_back_after_a_rollout(model):
+    before = model.config._attn_implementation
+    RolloutEngine(model).generate(prompts(lengths=(3,)), SamplingParams(temperature=0.0, max_new_tokens=2))
+    assert model.config._attn_implementation == before
+
+
+def test_refused_architectures_name_what_is_missing(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma2", **COMMON, **GQA, head_dim=8)
+    with pytest.raises(ValueError, match="soft-caps its attention logits"):
+        RolloutEngine(AutoModelForCausalLM.from_config(config))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                                 d_kv=8))
+        RolloutEngine(t5)
