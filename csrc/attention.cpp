@@ -133,6 +133,8 @@ struct Problem {
   const int64_t* context_lens;  // [num_seqs], validated
   int64_t q_seq_stride, q_head_stride, max_blocks, num_heads, kv_heads, head_dim, block_size;
   float scale;
+  int64_t sliding_window;  // > 0: attend to the last sliding_window tokens of the context only
+  float softcap;           // > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
 
   // Element offset, in either cache, of the first token of block j of sequence seq in kv head kv_head.
   int64_t row_offset(int64_t seq, int64_t j, int64_t kv_head) const {
@@ -291,11 +293,15 @@ RLHF_INLINE void attend(const Problem& p, int64_t seq, int64_t kv_head, float* s
   const T* value_cache = static_cast<const T*>(p.value_cache);
   const int64_t row_stride = p.kv_heads * dim;  // between the tokens of a block
   const int64_t num_blocks = (ctx + bs - 1) / bs;
-  int64_t offset = p.row_offset(seq, 0, kv_head);
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    const T* k = key_cache + offset;    // [n, row_stride], dim used
-    const T* v = value_cache + offset;  // [n, row_stride], dim used
-    const int64_t n = std::min(bs, ctx - j * bs);
+  // a sliding window reads from token `first` on: the blocks before it are skipped, the first one in part
+  const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, ctx - p.sliding_window) : 0;
+  const int64_t j0 = first / bs;
+  int64_t offset = p.row_offset(seq, j0, kv_head);
+  for (int64_t j = j0; j < num_blocks; ++j) {
+    const int64_t skip = j == j0 ? first - j0 * bs : 0;  // tokens of this block before the window
+    const T* k = key_cache + offset + skip * row_stride;    // [n, row_stride], dim used
+    const T* v = value_cache + offset + skip * row_stride;  // [n, row_stride], dim used
+    const int64_t n = std::min(bs, ctx - j * bs) - skip;
     // NOTE: the blocks of a sequence are scattered, which defeats the hardware prefetcher at every block boundary:
     // ask for the next block's rows while this one is computed.
     if (j + 1 < num_blocks) {
@@ -305,6 +311,11 @@ RLHF_INLINE void attend(const Problem& p, int64_t seq, int64_t kv_head, float* s
       prefetch_rows(value_cache + offset, row_stride, n_next, dim);
     }
     group_scores(q, k, row_stride, n, group, dim, s, ss);
+    if (p.softcap > 0.f) {
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t t = 0; t < n; ++t) s[g * ss + t] = p.softcap * std::tanh(s[g * ss + t] / p.softcap);
+      }
+    }
     for (int64_t g = 0; g < group; ++g) alpha[g] = softmax_block(s + g * ss, n, m[g], l[g]);
     group_values(s, alpha, v, row_stride, n, group, dim, acc, ss);
   }
@@ -353,8 +364,12 @@ std::vector<int64_t> checked_context_lens(const at::Tensor& block_tables, const 
 }
 
 at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                               const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                               const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                               int64_t sliding_window, double softcap) {
   check_paged_attention_args(query, key_cache, value_cache, block_tables, context_lens);
+  TORCH_CHECK_VALUE(sliding_window >= 0, "paged_attention: sliding_window must be >= 0 (0: none), found ",
+                    sliding_window);
+  TORCH_CHECK_VALUE(softcap >= 0, "paged_attention: softcap must be >= 0 (0: none), found ", softcap);
   TORCH_CHECK(query.device().is_cpu(), "paged_attention: the CPU kernel got tensors on ", query.device());
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t kv_heads = key_cache.size(2), block_size = key_cache.size(1);
@@ -367,7 +382,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_ca
                   out.mutable_data_ptr(), tables64 ? nullptr : block_tables.const_data_ptr<int32_t>(),
                   tables64 ? block_tables.const_data_ptr<int64_t>() : nullptr, lens.data(), query.stride(0),
                   query.stride(1), block_tables.size(1), num_heads, kv_heads, head_dim, block_size,
-                  static_cast<float>(scale)};
+                  static_cast<float>(scale), sliding_window, static_cast<float>(softcap)};
 
   // NOTE: at::parallel_for hands each thread one equal slice of its range. With ragged context lengths equal task
   // counts are not equal work, so the tasks are cut into one slice per thread of about equal cost (tokens read,
@@ -375,7 +390,10 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_ca
   const int64_t num_tasks = num_seqs * kv_heads;
   const int64_t slices = std::min<int64_t>(num_tasks, at::get_num_threads());
   std::vector<int64_t> cost(num_tasks + 1, 0);  // prefix sums
-  for (int64_t task = 0; task < num_tasks; ++task) cost[task + 1] = cost[task] + lens[task / kv_heads] + block_size;
+  const auto tokens_read = [&](int64_t len) { return sliding_window > 0 ? std::min(len, sliding_window) : len; };
+  for (int64_t task = 0; task < num_tasks; ++task) {
+    cost[task + 1] = cost[task] + tokens_read(lens[task / kv_heads]) + block_size;
+  }
   std::vector<int64_t> bounds(slices + 1, num_tasks);
   for (int64_t i = 0; i < slices; ++i) {
     bounds[i] = std::lower_bound(cost.begin(), cost.end(), cost.back() * i / slices) - cost.begin();
@@ -406,7 +424,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_ca
 
 // FakeTensor and torch.compile trace the op through this: metadata checks and the output's shape only.
 at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                int64_t sliding_window, double softcap) {
   check_paged_attention_args(query, key_cache, value_cache, block_tables, context_lens);
   return at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
 }

@@ -15,7 +15,7 @@ TORCH_LIBRARY(rlhf_engine, m) {
   // Decode attention over the paged cache (attention.cpp, cuda/attention_cuda.cpp; layouts in attention.h).
   m.def(
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale) -> Tensor");
+      "Tensor context_lens, float scale, int sliding_window=0, float softcap=0.0) -> Tensor");
   // PPO objective, CPU twins of the Triton kernels (rlhf_engine.ops.ppo): policy 0..3 = ppo, gspo, cispo, sapo;
   // dual_clip <= 0 means none; kl_kind 0..3 = k1, abs, k2, k3; is_weights multiply the policy term.
   // Returns (mask * dL/dlogp [R, T], per-row partial sums [R, 7]).

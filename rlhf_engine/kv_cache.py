@@ -171,6 +171,8 @@ def paged_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention over the paged cache: one query token per sequence against its cached tokens.
 
@@ -188,6 +190,10 @@ def paged_attention(
         context_lens: int32 or int64 ``[num_seqs]``, each in ``[0, max_blocks_per_seq * block_size]``; a sequence
             with 0 gets a zero output.
         scale: the softmax scale, ``1 / sqrt(head_dim)`` by default.
+        sliding_window: attend only to the last ``sliding_window`` tokens of each context (the new one included,
+            as transformers' sliding-window layers do); None: all of them.
+        softcap: attention logit soft-capping (Gemma 2): each score ``s`` (scale included) becomes
+            ``softcap * tanh(s / softcap)`` before the softmax; None: off.
 
     Returns:
         ``[num_seqs, num_heads, head_dim]`` in the query dtype.
@@ -223,8 +229,14 @@ def paged_attention(
             raise ValueError(f"{fn}: {name} is on {t.device} but the caches are on {key_cache.device}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"{fn}: sliding_window must be a positive int or None, found {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{fn}: softcap must be > 0 or None, found {softcap!r}")
     if head_dim > 1 and query.stride(2) != 1:
         query = query.contiguous()
     return torch.ops.rlhf_engine.paged_attention(
-        query, key_cache, value_cache, block_tables.contiguous(), context_lens.contiguous(), float(scale)
+        query, key_cache, value_cache, block_tables.contiguous(), context_lens.contiguous(), float(scale),
+        int(sliding_window or 0), float(softcap or 0.0)
     )

@@ -95,6 +95,47 @@ def test_matches_dense_sdpa(shape, gqa, dtype, atol, device):
     assert_close_to_reference(paged_attention(*problem), problem, scale, atol)
 
 
+def windowed_reference(query, key_cache, value_cache, block_tables, context_lens, scale, window, softcap, dtype):
+    """Eager attention over each sequence's last ``window`` tokens (all when None), scores soft-capped, in
+    ``dtype``: the float64 reference, and eager PyTorch in the kernel's dtype."""
+    num_heads, block_size, kv_heads = query.shape[1], key_cache.shape[1], key_cache.shape[2]
+    out = []
+    for b, n in enumerate(context_lens.tolist()):
+        ids = block_tables[b, : -(-n // block_size)].long()
+        keys = key_cache[ids].flatten(0, 1)[:n].to(dtype)  # (n, KV, D)
+        values = value_cache[ids].flatten(0, 1)[:n].to(dtype)
+        first = max(0, n - window) if window else 0
+        keys = keys[first:].repeat_interleave(num_heads // kv_heads, 1)  # (n', H, D)
+        values = values[first:].repeat_interleave(num_heads // kv_heads, 1)
+        scores = torch.einsum("hd,thd->ht", query[b].to(dtype), keys) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        out.append(torch.einsum("ht,thd->hd", scores.softmax(-1), values))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, atol", TOLERANCES, ids=[str(d) for d, _ in TOLERANCES])
+@pytest.mark.parametrize("window, softcap", [(5, None), (16, None), (1, None), (None, 2.5), (7, 1.0)])
+def test_sliding_window_and_softcap(window, softcap, dtype, atol, device):
+    """Windows that start mid-block, at a block boundary, of one token; contexts shorter than the window; soft
+    caps small enough to bend most scores."""
+    problem = make_problem(3, 5, 4, 2, 40, 4, [1, 6, 17, 32, 9], dtype, device)
+    scale = 0.4
+    out = paged_attention(*problem, scale=scale, sliding_window=window, softcap=softcap)
+    reference = windowed_reference(*problem, scale, window, softcap, torch.float64)
+    eager = windowed_reference(*problem, scale, window, softcap, dtype)
+    ours_err = (out.double() - reference).abs().max().item()
+    eager_err = (eager.double() - reference).abs().max().item()
+    assert ours_err <= 2 * eager_err + atol, f"error {ours_err:.3g}, eager {dtype} {eager_err:.3g}"
+    if window is not None or softcap is not None:  # the options change the result
+        assert (out.double() - windowed_reference(*problem, scale, None, None, torch.float64)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        paged_attention(*problem, sliding_window=0)
+    with pytest.raises(ValueError, match="softcap must be > 0"):
+        paged_attention(*problem, softcap=-1.0)
+
+
 def test_random_shapes():
     rng = random.Random(0)
     for seed in range(12):

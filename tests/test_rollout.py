@@ -144,19 +144,25 @@ def test_unsupported_architecture_is_named():
         RolloutEngine(model, forward="family")
 
 
-def flash_attn_with_kvcache_reference(q, k_cache, v_cache, *, cache_seqlens, block_table, softmax_scale, causal):
+def flash_attn_with_kvcache_reference(q, k_cache, v_cache, *, cache_seqlens, block_table, softmax_scale, causal,
+                                      window_size=(-1, -1), softcap=0.0):
     """flash-attn's documented semantics for q of one token a sequence: q (B, 1, H, D) attends to the first
     cache_seqlens[b] positions of the pages block_table[b] of k_cache/v_cache (num_blocks, page, KV, D)."""
     assert q.dim() == 4 and q.shape[1] == 1 and causal
     assert cache_seqlens.dtype == torch.int32 and block_table.dtype == torch.int32
+    assert window_size[1] in (-1, 0)  # causal: nothing to the right
     out = []
     for b in range(q.shape[0]):
         n = int(cache_seqlens[b])
-        k = k_cache[block_table[b].long()].flatten(0, 1)[:n]  # (n, KV, D)
-        v = v_cache[block_table[b].long()].flatten(0, 1)[:n]
-        out.append(torch.nn.functional.scaled_dot_product_attention(
-            q[b].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=softmax_scale,
-            enable_gqa=k.shape[1] != q.shape[2]).transpose(0, 1))  # (1, H, D)
+        first = max(0, n - 1 - window_size[0]) if window_size[0] >= 0 else 0  # window_size[0] tokens left of q
+        k = k_cache[block_table[b].long()].flatten(0, 1)[first:n]  # (n', KV, D)
+        v = v_cache[block_table[b].long()].flatten(0, 1)[first:n]
+        group = q.shape[2] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,thd->hqt", q[b].float(), k.float()) * softmax_scale  # (H, 1, n')
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        out.append(torch.einsum("hqt,thd->qhd", scores.softmax(-1), v.float()).to(q.dtype))  # (1, H, D)
     return torch.stack(out)
 
 

@@ -15,8 +15,12 @@ namespace rlhf_engine {
 namespace {
 
 at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                int64_t sliding_window, double softcap) {
   check_paged_attention_args(query, key_cache, value_cache, block_tables, context_lens);
+  TORCH_CHECK_VALUE(sliding_window >= 0, "paged_attention: sliding_window must be >= 0 (0: none), found ",
+                    sliding_window);
+  TORCH_CHECK_VALUE(softcap >= 0, "paged_attention: softcap must be >= 0 (0: none), found ", softcap);
   TORCH_CHECK(query.is_cuda(), "paged_attention: the CUDA kernel got tensors on ", query.device());
   TORCH_CHECK(query.size(2) <= cuda::kPagedAttentionMaxHeadDim, "paged_attention: head_dim ", query.size(2),
               " is above the CUDA kernel's limit of ", cuda::kPagedAttentionMaxHeadDim);
@@ -30,7 +34,8 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& key_c
       block_tables.const_data_ptr(), block_tables.scalar_type() == at::kLong, context_lens.const_data_ptr(),
       context_lens.scalar_type() == at::kLong, query.size(0), query.size(1), key_cache.size(2), query.size(2),
       key_cache.size(0), key_cache.size(1), block_tables.size(1), query.stride(0), query.stride(1),
-      static_cast<float>(scale), to_kernel_dtype("paged_attention", query.scalar_type()), stream));
+      static_cast<float>(scale), sliding_window, static_cast<float>(softcap),
+      to_kernel_dtype("paged_attention", query.scalar_type()), stream));
   return out;
 }
 

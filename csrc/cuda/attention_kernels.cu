@@ -63,7 +63,9 @@ __global__ void __launch_bounds__(kThreads)
                            const void* __restrict__ context_lens, bool lens64,    // [num_seqs]
                            int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t num_blocks,
                            int64_t block_size, int64_t max_blocks, int64_t q_seq_stride, int64_t q_head_stride,
-                           float scale) {
+                           float scale,
+                           int64_t sliding_window,  // > 0: only the last sliding_window tokens of the context
+                           float softcap) {         // > 0: scores become softcap * tanh(score / softcap)
   const int64_t seq = blockIdx.x;  // int64 before any pointer arithmetic
   const int64_t head = blockIdx.y;
   const int64_t kv_head = head / (num_heads / kv_heads);
@@ -83,7 +85,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   float m = -INFINITY;  // running max of this warp's scores
   float l = 0.f;        // running sum of exp(score - m)
-  for (int64_t t = warp; !bad && t < ctx; t += kWarps) {
+  const int64_t first = sliding_window > 0 && ctx > sliding_window ? ctx - sliding_window : 0;
+  for (int64_t t = first + warp; !bad && t < ctx; t += kWarps) {
     const int64_t block = read_index(block_tables, tables64, seq * max_blocks + t / block_size);
     if (block < 0 || block >= num_blocks) {  // the same t for the whole warp: a warp-uniform exit
       bad = true;
@@ -96,7 +99,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t d = lane + 32 * i;
       if (d < head_dim) partial += q[i] * to_float(key_cache[row + d]);
     }
-    const float score = warp_sum(partial);
+    float score = warp_sum(partial);
+    if (softcap > 0.f) score = softcap * tanhf(score / softcap);
     const float m_new = fmaxf(m, score);
     const float alpha = expf(m - m_new);  // 0 on the warp's first token, where m is -inf
     const float p = expf(score - m_new);
@@ -146,12 +150,13 @@ template <typename T>
 void launch(const void* query, const void* key_cache, const void* value_cache, void* out, const void* block_tables,
             bool tables64, const void* context_lens, bool lens64, int64_t num_seqs, int64_t num_heads,
             int64_t kv_heads, int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
-            int64_t q_seq_stride, int64_t q_head_stride, float scale, cudaStream_t stream) {
+            int64_t q_seq_stride, int64_t q_head_stride, float scale, int64_t sliding_window, float softcap,
+            cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(num_heads));
   paged_attention_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(query), static_cast<const T*>(key_cache), static_cast<const T*>(value_cache),
       static_cast<T*>(out), block_tables, tables64, context_lens, lens64, num_heads, kv_heads, head_dim, num_blocks,
-      block_size, max_blocks, q_seq_stride, q_head_stride, scale);
+      block_size, max_blocks, q_seq_stride, q_head_stride, scale, sliding_window, softcap);
 }
 
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit
@@ -163,7 +168,8 @@ cudaError_t launch_paged_attention(const void* query, const void* key_cache, con
                                    const void* block_tables, bool tables64, const void* context_lens, bool lens64,
                                    int64_t num_seqs, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
                                    int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t q_seq_stride,
-                                   int64_t q_head_stride, float scale, DType dtype, cudaStream_t stream) {
+                                   int64_t q_head_stride, float scale, int64_t sliding_window, float softcap,
+                                   DType dtype, cudaStream_t stream) {
   if (num_seqs < 0 || num_heads < 0 || kv_heads <= 0 || head_dim < 0 || block_size <= 0 || max_blocks < 0 ||
       num_heads % kv_heads != 0 || head_dim > kPagedAttentionMaxHeadDim || num_seqs > kMaxGridX ||
       num_heads > kMaxGridY) {
@@ -174,17 +180,17 @@ cudaError_t launch_paged_attention(const void* query, const void* key_cache, con
     case DType::kFloat32:
       launch<float>(query, key_cache, value_cache, out, block_tables, tables64, context_lens, lens64, num_seqs,
                     num_heads, kv_heads, head_dim, num_blocks, block_size, max_blocks, q_seq_stride, q_head_stride,
-                    scale, stream);
+                    scale, sliding_window, softcap, stream);
       break;
     case DType::kBFloat16:
       launch<__nv_bfloat16>(query, key_cache, value_cache, out, block_tables, tables64, context_lens, lens64,
                             num_seqs, num_heads, kv_heads, head_dim, num_blocks, block_size, max_blocks,
-                            q_seq_stride, q_head_stride, scale, stream);
+                            q_seq_stride, q_head_stride, scale, sliding_window, softcap, stream);
       break;
     case DType::kFloat16:
       launch<__half>(query, key_cache, value_cache, out, block_tables, tables64, context_lens, lens64, num_seqs,
                      num_heads, kv_heads, head_dim, num_blocks, block_size, max_blocks, q_seq_stride, q_head_stride,
-                     scale, stream);
+                     scale, sliding_window, softcap, stream);
       break;
     default:
       return cudaErrorInvalidValue;

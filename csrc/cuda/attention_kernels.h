@@ -33,7 +33,8 @@ cudaError_t launch_paged_attention(const void* query, const void* key_cache, con
                                    const void* block_tables, bool tables64, const void* context_lens, bool lens64,
                                    int64_t num_seqs, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
                                    int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t q_seq_stride,
-                                   int64_t q_head_stride, float scale, DType dtype, cudaStream_t stream);
+                                   int64_t q_head_stride, float scale, int64_t sliding_window, float softcap,
+                                   DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace rlhf_engine

@@ -124,7 +124,7 @@ class RolloutEngine:
             hf_bridge.check_model(model)
             self.vocab_size = model.get_output_embeddings().weight.shape[0]
             self.max_positions = max_positions(model)
-            self.sliding_window = hf_bridge.sliding_window(model)
+            self.sliding_window = None  # each layer's own window reaches the kernels (hf_bridge)
         else:
             self.vocab_size, self.max_positions = self.family.vocab_size, self.family.max_positions
             self.sliding_window = self.family.sliding_window
@@ -305,8 +305,9 @@ class RolloutEngine:
                     f"generate: prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                     f"exceeds the model's max_position_embeddings {max_pos}"
                 )
-            if window is not None and total > window:
-                raise ValueError(f"generate: prompts[{i}] would exceed the sliding window {window}, unsupported")
+            if self.family is not None and window is not None and total > window:
+                raise ValueError(f"generate: prompts[{i}] would exceed the sliding window {window}, which the "
+                                 f"hand-written families do not support (forward='model' does)")
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:

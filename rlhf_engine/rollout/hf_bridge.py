@@ -68,7 +68,17 @@ class Step:
         return self.caches[layer]
 
 
-def _prefill_attention(q, k, v, key_cache, value_cache, segments, scale, window):
+def _eager(q, k, v, mask, scale, softcap):
+    """Attention with soft-capped scores (SDPA has no soft-capping): q [1, H, n, D], k / v [1, KV, L, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def _prefill_attention(q, k, v, key_cache, value_cache, segments, scale, window, softcap=None):
     """Causal attention of each prompt segment's new tokens over its cached prefix and themselves.
 
     q [N, H, D], k / v [N, KV, D] (the new tokens, already written to the cache) -> [N, H, D].
@@ -85,15 +95,18 @@ def _prefill_attention(q, k, v, key_cache, value_cache, segments, scale, window)
         else:
             ks, vs = k[seg.start : seg.end], v[seg.start : seg.end]
         mask = None
-        if seg.num_cached or window is not None:
+        if seg.num_cached or window is not None or softcap is not None:
             q_pos = torch.arange(seg.num_cached, total, device=q.device)[:, None]
             k_pos = torch.arange(total, device=q.device)[None, :]
             mask = k_pos <= q_pos
             if window is not None:  # transformers' sliding window: the last `window` keys, the token's own included
                 mask = mask & (k_pos > q_pos - window)
-        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                           vs.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
-                                           scale=scale, enable_gqa=gqa)  # (1, H, n, D)
+        qs, ks, vs = qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]
+        if softcap is not None:
+            o = _eager(qs, ks, vs, mask, scale, softcap)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                               enable_gqa=gqa)  # (1, H, n, D)
         out[seg.start : seg.end] = o[0].transpose(0, 1)
     return out
 
@@ -109,9 +122,6 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if step is None:
         raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside RolloutEngine.generate; load the model "
                            f"with attn_implementation='sdpa' (or eager) for other uses")
-    if softcap is not None:
-        raise ValueError(f"{type(module).__name__}: attention logit soft-capping ({softcap}) is not supported by the "
-                         f"paged kernels yet")
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise ValueError(f"{type(module).__name__} has no layer_idx: its KV cannot be placed in the block pool")
@@ -123,14 +133,16 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     kv_cache.write_kv(k, v, key_cache, value_cache, step.slots)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if step.segments is not None:
-        out = _prefill_attention(q, k, v, key_cache, value_cache, step.segments, scale, sliding_window)
+        out = _prefill_attention(q, k, v, key_cache, value_cache, step.segments, scale, sliding_window, softcap)
     elif step.flash is not None:  # the new token's K/V are in the cache: attend over cache_seqlens tokens of each
         tables32, lens32 = step.flash_args
+        # (flash's window counts the tokens left of the query: transformers' window includes the query itself)
+        window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
         out = step.flash(q[:, None], key_cache, value_cache, cache_seqlens=lens32, block_table=tables32,
-                         softmax_scale=scale, causal=True)[:, 0]
+                         softmax_scale=scale, causal=True, window_size=window, softcap=softcap or 0.0)[:, 0]
     else:
         out = kv_cache.paged_attention(q.contiguous(), key_cache, value_cache, step.block_tables, step.context_lens,
-                                       scale=scale)  # (N, H, D)
+                                       scale=scale, sliding_window=sliding_window, softcap=softcap)  # (N, H, D)
     step.calls.append(layer)
     return out[None], None
 
@@ -165,24 +177,6 @@ def check_model(model) -> None:
         raise ValueError(f"RolloutEngine: {name!r} ({type(model).__name__}) does not route its attention through "
                          f"transformers' attention interface (its _supports_attention_backend is False), so its KV "
                          f"cannot live in the block pool")
-    text = _text_config(config)
-    if getattr(text, "attn_logit_softcapping", None) is not None:
-        raise ValueError(f"RolloutEngine: {name!r} soft-caps its attention logits (attn_logit_softcapping = "
-                         f"{text.attn_logit_softcapping}), which the paged kernels do not support yet")
-
-
-def sliding_window(model) -> int | None:
-    """The smallest sliding window any layer of ``model`` uses, or None (every layer attends to everything)."""
-    text = _text_config(model.config)
-    window = getattr(text, "sliding_window", None)
-    if not window:
-        return None
-    types = getattr(text, "layer_types", None)
-    if types is not None and "sliding_attention" not in types:
-        return None
-    if getattr(text, "use_sliding_window", True) is False:
-        return None
-    return int(window)
 
 
 @contextlib.contextmanager
