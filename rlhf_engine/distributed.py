@@ -213,6 +213,39 @@ def gathered(module: torch.nn.Module):
             unit.reshard()
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hook_free_view(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` as it computes in one process, for use inside ``gathered``: every FSDP2 unit in it replaced by a
+    shallow copy of its original class without FSDP's hooks, sharing the unit's parameter and buffer dicts (into
+    which ``unshard`` registers the whole parameters). So the model's own forward runs on the gathered weights
+    with no all-gather per layer: a collective that ranks running different numbers of rollout steps could not
+    join. Modules holding no FSDP unit are shared as they are."""
+    from collections import OrderedDict
+
+    from torch.distributed.fsdp import FSDPModule
+
+    def has_unit(m) -> bool:
+        return any(isinstance(x, FSDPModule) for x in m.modules())
+
+    def view(m):
+        if not has_unit(m):
+            return m
+        copy_ = object.__new__(type(m))
+        copy_.__dict__.update(m.__dict__)  # the same _parameters / _buffers dicts: unshard's writes show through
+        copy_.__dict__["_modules"] = OrderedDict((name, view(child)) for name, child in m._modules.items())
+        if isinstance(m, FSDPModule):
+            copy_.__class__ = next(c for c in type(m).__mro__[1:] if not issubclass(c, FSDPModule))
+            for name in _HOOK_DICTS:
+                if name in copy_.__dict__:
+                    copy_.__dict__[name] = OrderedDict()
+        return copy_
+
+    return view(module)
+
+
 def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
     """``(model_state, optimizer_state)`` unsharded and keyed by parameter name, on CPU (on rank 0 only when
     distributed; every rank must call this). The optimizer state loads at any world size."""

@@ -222,7 +222,12 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(setup, lora):
 # -- rollout on sharded parameters -------------------------------------------------------------------------------
 
 
-def _greedy(model_dir, strategy, out):
+WORKLOADS = [([[257, 10, 20, 30], [257, 40, 50]], 8), ([[257, 60], [257, 70, 80, 90, 11]], 3)]
+
+
+def _greedy(model_dir, strategy, out, forward):
+    """Rank r rolls out workload r (a different number of decode steps on each rank: a collective inside the
+    forward would hang); at world size 1, both."""
     from rlhf_engine.distributed import gathered, wrap
     from rlhf_engine.models.heads import CausalLMLogprobs
     from rlhf_engine.rollout import RolloutEngine, SamplingParams
@@ -230,23 +235,28 @@ def _greedy(model_dir, strategy, out):
     info = init_distributed(strategy, torch.device("cpu"))
     model = load_causal_lm(model_dir)
     module = wrap(CausalLMLogprobs(model), info)
-    engine = RolloutEngine(model)
-    prompts = [[257, 10, 20, 30], [257, 40, 50]]
+    engine = RolloutEngine(model, forward=forward)
+    mine = WORKLOADS if not info.enabled else [WORKLOADS[info.rank]]
+    tokens = []
     with gathered(module):
-        tokens = [o.samples[0].token_ids for o in engine.generate(prompts, SamplingParams(temperature=0.0,
-                                                                                          max_new_tokens=8))]
+        for prompts, new in mine:
+            params = SamplingParams(temperature=0.0, max_new_tokens=new)
+            tokens.append([o.samples[0].token_ids for o in engine.generate(prompts, params)])
     sharded = type(model.lm_head.weight).__name__
-    if info.is_main:
-        torch.save({"tokens": tokens, "param_type": sharded}, out)
+    torch.save({"tokens": tokens, "param_type": sharded}, f"{out}-{info.rank}")
 
 
-def test_rollout_reads_gathered_fsdp_parameters(setup):
+@pytest.mark.parametrize("forward", ["model", "family"])
+def test_rollout_reads_gathered_fsdp_parameters(setup, forward):
+    """(``model``: the model's own modules, run on a hook-free view of the gathered FSDP units.)"""
     root, model_dir, _ = setup
-    _greedy(model_dir, "none", str(root / "greedy1.pt"))
-    _spawn(_greedy, model_dir, "fsdp", str(root / "greedy2.pt"))
-    one, two = torch.load(str(root / "greedy1.pt")), torch.load(str(root / "greedy2.pt"))
-    assert two["tokens"] == one["tokens"]
-    assert two["param_type"] == "DTensor"  # sharded again once the rollout is over
+    _greedy(model_dir, "none", str(root / f"greedy1-{forward}"), forward)
+    _spawn(_greedy, model_dir, "fsdp", str(root / f"greedy2-{forward}"), forward)
+    one = torch.load(str(root / f"greedy1-{forward}-0"))
+    for rank in (0, 1):
+        two = torch.load(str(root / f"greedy2-{forward}-{rank}"))
+        assert two["tokens"] == [one["tokens"][rank]]
+        assert two["param_type"] == "DTensor"  # sharded again once the rollout is over
 
 
 def test_grpo_cli_at_world_size_2(setup, tmp_path):

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_engine import kv_cache
+from rlhf_engine.distributed import hook_free_view
 from rlhf_engine.models.loading import max_positions
 from rlhf_engine.rollout import hf_bridge
-from rlhf_engine.rollout.families import SUPPORTED, family_for
+from rlhf_engine.rollout.families import family_for
 from rlhf_engine.rollout.sampling import SamplingParams, sample
 
 
@@ -88,10 +89,10 @@ class RolloutEngine:
 
         ``forward``: ``model`` runs the model's own transformers modules with our attention function
         (``hf_bridge``: any architecture whose attention goes through transformers' attention interface);
-        ``family`` the hand-written forward of Llama / Mistral / Qwen2 / GPT-2 (``families``); ``auto`` is
-        ``model``, except on an FSDP2-sharded model, where it is ``family``: the model's own forward would run
-        FSDP's hooks (an all-gather per layer, a collective that ranks decoding different numbers of steps
-        cannot join), while the families call the gathered modules' weights directly.
+        ``family`` the hand-written forward of Llama / Mistral / Qwen2 / GPT-2 (``families``, kept for the side
+        by side benchmark); ``auto`` is ``model``. On an FSDP2-sharded model (``generate`` inside ``gathered``) the
+        forward runs on ``distributed.hook_free_view`` of it: FSDP's hooks would all-gather per layer, a
+        collective that ranks decoding different numbers of steps cannot join.
         """
         if forward not in FORWARDS:
             raise ValueError(f"RolloutEngine: forward must be one of {list(FORWARDS)}, found {forward!r}")
@@ -109,16 +110,11 @@ class RolloutEngine:
             raise ValueError(
                 f"RolloutEngine: max_num_blocks must be a positive int or None, found {max_num_blocks!r}"
             )
-        self.model = model
-        sharded = _fsdp_sharded(model)
+        self.model = model  # its parameters: versions, dtype
+        # what the forward calls: under FSDP2, the gathered modules without FSDP's hooks
+        self._forward_model = hook_free_view(model) if _fsdp_sharded(model) else model
         if forward == "auto":
-            forward = "family" if sharded else "model"
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        if sharded and (forward == "model" or model_type not in SUPPORTED):
-            raise ValueError(f"RolloutEngine: {model_type!r} is FSDP2-sharded, and the model's own forward cannot run "
-                             f"there yet (FSDP's hooks would all-gather inside each decode step, a collective ranks "
-                             f"decoding different numbers of steps cannot join); under FSDP the rollout runs the "
-                             f"hand-written {', '.join(SUPPORTED)}: use strategy: ddp for this model")
+            forward = "model"
         self.family = family_for(model) if forward == "family" else None
         if self.family is None:
             hf_bridge.check_model(model)
@@ -236,7 +232,7 @@ class RolloutEngine:
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         step = hf_bridge.Step(self.caches, self.pool.num_blocks(), self.block_size, as_tensor(slots),
                               segments=segments)
-        return hf_bridge.forward(self.model, step, as_tensor(ids), as_tensor(positions), as_tensor(rows))
+        return hf_bridge.forward(self._forward_model, step, as_tensor(ids), as_tensor(positions), as_tensor(rows))
 
     def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
         """One token per live sequence: reserves its slot (copy-on-write as needed), returns logits [N, V]."""
@@ -264,7 +260,8 @@ class RolloutEngine:
             step = hf_bridge.Step(self.caches, self.pool.num_blocks(), self.block_size, slot_t,
                                   block_tables=block_tables, context_lens=context_lens, flash=self._flash,
                                   flash_args=(block_tables32, context_lens32) if self._flash is not None else ())
-            logits = hf_bridge.forward(self.model, step, ids, positions, torch.arange(len(seqs), device=self.device))
+            logits = hf_bridge.forward(self._forward_model, step, ids, positions,
+                                       torch.arange(len(seqs), device=self.device))
             for s in seqs:
                 s.length += 1
             return logits
