@@ -18,9 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import parse_args, peak_rss_bytes, print_table, rss_bytes, run_worker, write_json  # noqa: E402
 
-# naive = HF generate; ours = the engine on the model's own modules (hf_bridge); family = the engine on the
-# hand-written Llama forward (rollout/families.py), side by side before that one goes
-PROVIDERS = ("naive", "ours", "family")
+PROVIDERS = ("naive", "ours")  # naive = HF generate; ours = the engine on the model's own modules (hf_bridge)
 
 
 def build_model(layers: int, hidden: int, vocab: int):
@@ -50,7 +48,7 @@ def worker(n: int, provider: str, prompts: int, prompt_len: int, new_tokens: int
                                      num_return_sequences=n, pad_token_id=0)
             return (out.shape[1] - prompt_len) * out.shape[0]
     else:
-        engine = RolloutEngine(model, forward="family" if provider == "family" else "model")
+        engine = RolloutEngine(model)
         params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, seed=0)
         prompt_lists = batch.tolist()
 
@@ -100,9 +98,7 @@ def main(argv=None):
     for n in (1, 8):
         ours = next(r for r in rows if r["n"] == n and r["provider"] == "ours")
         hf = next(r for r in rows if r["n"] == n and r["provider"] == "naive")
-        family = next(r for r in rows if r["n"] == n and r["provider"] == "family")
-        print(f"n={n}: ours {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF tokens/s, "
-              f"{ours['tokens_per_s'] / family['tokens_per_s']:.2f}x the hand-written family's")
+        print(f"n={n}: ours {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF tokens/s")
     write_json(args.json, rows)
     return 0
 

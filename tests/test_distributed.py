@@ -225,7 +225,7 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(setup, lora):
 WORKLOADS = [([[257, 10, 20, 30], [257, 40, 50]], 8), ([[257, 60], [257, 70, 80, 90, 11]], 3)]
 
 
-def _greedy(model_dir, strategy, out, forward):
+def _greedy(model_dir, strategy, out):
     """Rank r rolls out workload r (a different number of decode steps on each rank: a collective inside the
     forward would hang); at world size 1, both."""
     from rlhf_engine.distributed import gathered, wrap
@@ -235,7 +235,7 @@ def _greedy(model_dir, strategy, out, forward):
     info = init_distributed(strategy, torch.device("cpu"))
     model = load_causal_lm(model_dir)
     module = wrap(CausalLMLogprobs(model), info)
-    engine = RolloutEngine(model, forward=forward)
+    engine = RolloutEngine(model)
     mine = WORKLOADS if not info.enabled else [WORKLOADS[info.rank]]
     tokens = []
     with gathered(module):
@@ -246,15 +246,14 @@ def _greedy(model_dir, strategy, out, forward):
     torch.save({"tokens": tokens, "param_type": sharded}, f"{out}-{info.rank}")
 
 
-@pytest.mark.parametrize("forward", ["model", "family"])
-def test_rollout_reads_gathered_fsdp_parameters(setup, forward):
-    """(``model``: the model's own modules, run on a hook-free view of the gathered FSDP units.)"""
+def test_rollout_reads_gathered_fsdp_parameters(setup):
+    """The model's own modules, run on a hook-free view of the gathered FSDP units."""
     root, model_dir, _ = setup
-    _greedy(model_dir, "none", str(root / f"greedy1-{forward}"), forward)
-    _spawn(_greedy, model_dir, "fsdp", str(root / f"greedy2-{forward}"), forward)
-    one = torch.load(str(root / f"greedy1-{forward}-0"))
+    _greedy(model_dir, "none", str(root / "greedy1"))
+    _spawn(_greedy, model_dir, "fsdp", str(root / "greedy2"))
+    one = torch.load(str(root / "greedy1-0"))
     for rank in (0, 1):
-        two = torch.load(str(root / f"greedy2-{forward}-{rank}"))
+        two = torch.load(str(root / f"greedy2-{rank}"))
         assert two["tokens"] == [one["tokens"][rank]]
         assert two["param_type"] == "DTensor"  # sharded again once the rollout is over
 

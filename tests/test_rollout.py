@@ -140,8 +140,6 @@ def test_unsupported_architecture_is_named():
     model = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="'bloom' .* does not route its attention through transformers' attention"):
         RolloutEngine(model)
-    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, gpt2"):
-        RolloutEngine(model, forward="family")
 
 
 def flash_attn_with_kvcache_reference(q, k_cache, v_cache, *, cache_seqlens, block_table, softmax_scale, causal,

@@ -21,13 +21,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_engine import kv_cache
 from rlhf_engine.distributed import hook_free_view
 from rlhf_engine.models.loading import max_positions
 from rlhf_engine.rollout import hf_bridge
-from rlhf_engine.rollout.families import family_for
 from rlhf_engine.rollout.sampling import SamplingParams, sample
 
 
@@ -54,7 +52,6 @@ class _Sequence:
 
 
 ATTENTION_BACKENDS = ("auto", "paged", "flash")
-FORWARDS = ("auto", "model", "family")
 FLASH_BLOCK = 256  # flash-attn 2's paged KV cache needs a page size that is a multiple of 256
 
 
@@ -76,10 +73,10 @@ def _flash_with_kvcache():
 
 
 class RolloutEngine:
-    """Generation on the paged KV cache over a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2)."""
+    """Generation on the paged KV cache over a transformers causal LM, running its own modules (``hf_bridge``)."""
 
     def __init__(self, model, *, block_size: int | None = None, max_num_seqs: int = 256,
-                 max_num_blocks: int | None = None, attention: str = "auto", forward: str = "auto"):
+                 max_num_blocks: int | None = None, attention: str = "auto"):
         """``max_num_blocks=None`` sizes the KV pool per call from the prompts, n and max_new_tokens.
 
         ``attention``: decode attention over the paged cache. ``flash`` is flash-attn's ``flash_attn_with_kvcache``
@@ -87,15 +84,11 @@ class RolloutEngine:
         (CPU or CUDA); ``auto`` takes flash when it can run and paged otherwise. ``block_size=None`` is 256 on the
         flash path and 16 elsewhere.
 
-        ``forward``: ``model`` runs the model's own transformers modules with our attention function
-        (``hf_bridge``: any architecture whose attention goes through transformers' attention interface);
-        ``family`` the hand-written forward of Llama / Mistral / Qwen2 / GPT-2 (``families``, kept for the side
-        by side benchmark); ``auto`` is ``model``. On an FSDP2-sharded model (``generate`` inside ``gathered``) the
-        forward runs on ``distributed.hook_free_view`` of it: FSDP's hooks would all-gather per layer, a
-        collective that ranks decoding different numbers of steps cannot join.
+        The forward is the model's own transformers modules with our attention function (``hf_bridge``): any
+        architecture whose attention goes through transformers' attention interface. On an FSDP2-sharded model
+        (``generate`` inside ``gathered``) it runs on ``distributed.hook_free_view`` of it: FSDP's hooks would
+        all-gather per layer, a collective that ranks decoding different numbers of steps cannot join.
         """
-        if forward not in FORWARDS:
-            raise ValueError(f"RolloutEngine: forward must be one of {list(FORWARDS)}, found {forward!r}")
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"RolloutEngine: attention must be one of {list(ATTENTION_BACKENDS)}, found {attention!r}")
         param = next(model.parameters())
@@ -113,17 +106,9 @@ class RolloutEngine:
         self.model = model  # its parameters: versions, dtype
         # what the forward calls: under FSDP2, the gathered modules without FSDP's hooks
         self._forward_model = hook_free_view(model) if _fsdp_sharded(model) else model
-        if forward == "auto":
-            forward = "model"
-        self.family = family_for(model) if forward == "family" else None
-        if self.family is None:
-            hf_bridge.check_model(model)
-            self.vocab_size = model.get_output_embeddings().weight.shape[0]
-            self.max_positions = max_positions(model)
-            self.sliding_window = None  # each layer's own window reaches the kernels (hf_bridge)
-        else:
-            self.vocab_size, self.max_positions = self.family.vocab_size, self.family.max_positions
-            self.sliding_window = self.family.sliding_window
+        hf_bridge.check_model(model)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = max_positions(model)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_blocks = max_num_blocks
@@ -174,14 +159,7 @@ class RolloutEngine:
         if self.pool is not None and self.pool.num_blocks() >= num_blocks:
             return
         self.pool = kv_cache.BlockPool(num_blocks, self.block_size)
-        fam = self.family
-        if fam is None:  # the model's own modules: each layer's pool is made on its first write (its KV shape)
-            self.caches = []
-            return
-        shape = (num_blocks, self.block_size, fam.num_kv_heads, fam.head_dim)  # per layer, K and V
-        options = dict(dtype=self.dtype, device=self.device)
-        # NOTE: zeros, not empty: a gathered block's unused tail is masked out, but 0 * NaN would still be NaN
-        self.caches = [(torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in fam.layers]
+        self.caches = []  # each layer's K/V pool is made on its first write, from its own KV shape (hf_bridge)
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -189,33 +167,6 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------------------------------
     # forward passes
     # ------------------------------------------------------------------------------------------------------------
-    def _prefill(self, seq_id: int, prompt: list[int], num_cached: int) -> torch.Tensor:
-        """Computes KV for prompt[num_cached:] (attending to the cached prefix) and returns the last logits [V]."""
-        fam = self.family
-        length = len(prompt)
-        ids = torch.tensor(prompt[num_cached:], dtype=torch.long, device=self.device)
-        positions = torch.arange(num_cached, length, device=self.device)
-        slots = self.pool.slot_mapping(seq_id, num_cached, length)
-        slots = torch.tensor(slots, dtype=torch.long, device=self.device)
-        table = torch.tensor(self.pool.block_table(seq_id), dtype=torch.long, device=self.device)
-        hidden, rope = fam.embed(ids, positions)
-        if num_cached:
-            key_pos = torch.arange(length, device=self.device)
-            mask = key_pos[None, :] <= positions[:, None]  # (new, all): causal, offset by the cached prefix
-        for index, (key_cache, value_cache) in enumerate(self.caches):
-            q, k, v = fam.attention_inputs(index, hidden, rope)  # (T, H, D), (T, KV, D), (T, KV, D)
-            kv_cache.write_kv(k, v, key_cache, value_cache, slots)
-            if num_cached:
-                k = key_cache[table].flatten(0, 1)[:length]  # (L, KV, D): the cached prefix and the new tokens
-                v = value_cache[table].flatten(0, 1)[:length]
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                attn_mask=mask if num_cached else None, is_causal=not num_cached, scale=fam.scale,
-                enable_gqa=fam.num_kv_heads != fam.num_heads,
-            )  # (1, H, T, D)
-            hidden = fam.attention_output(index, hidden, out[0].transpose(0, 1).flatten(1))
-        return fam.logits(hidden[-1:])[0]
-
     def _prefill_packed(self, entries: list[tuple[int, list[int], int]]) -> torch.Tensor:
         """Every ``(seq_id, prompt, num_cached)`` prompt's new tokens in one forward of the model's own modules
         (packed into one row, each prompt attending only to itself) -> the logits at each prompt's last token
@@ -236,7 +187,6 @@ class RolloutEngine:
 
     def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
         """One token per live sequence: reserves its slot (copy-on-write as needed), returns logits [N, V]."""
-        fam = self.family
         slots, cow = [], []
         for s in seqs:
             slot, src, dst = self.pool.append_slot(s.seq_id)
@@ -256,30 +206,14 @@ class RolloutEngine:
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         if self._flash is not None:  # flash-attn takes int32 tables and lengths
             block_tables32, context_lens32 = block_tables.int(), context_lens.int()
-        if fam is None:  # the model's own modules
-            step = hf_bridge.Step(self.caches, self.pool.num_blocks(), self.block_size, slot_t,
-                                  block_tables=block_tables, context_lens=context_lens, flash=self._flash,
-                                  flash_args=(block_tables32, context_lens32) if self._flash is not None else ())
-            logits = hf_bridge.forward(self._forward_model, step, ids, positions,
-                                       torch.arange(len(seqs), device=self.device))
-            for s in seqs:
-                s.length += 1
-            return logits
-        hidden, rope = fam.embed(ids, positions)
-        for index, (key_cache, value_cache) in enumerate(self.caches):
-            q, k, v = fam.attention_inputs(index, hidden, rope)
-            kv_cache.write_kv(k, v, key_cache, value_cache, slot_t)
-            if self._flash is not None:
-                # the new token's K/V are in the cache already: attend over cache_seqlens tokens of each table
-                out = self._flash(q[:, None], key_cache, value_cache, cache_seqlens=context_lens32,
-                                  block_table=block_tables32, softmax_scale=fam.scale, causal=True)[:, 0]
-            else:
-                out = kv_cache.paged_attention(q.contiguous(), key_cache, value_cache, block_tables, context_lens,
-                                               scale=fam.scale)  # (N, H, D)
-            hidden = fam.attention_output(index, hidden, out.flatten(1))
+        step = hf_bridge.Step(self.caches, self.pool.num_blocks(), self.block_size, slot_t,
+                              block_tables=block_tables, context_lens=context_lens, flash=self._flash,
+                              flash_args=(block_tables32, context_lens32) if self._flash is not None else ())
+        logits = hf_bridge.forward(self._forward_model, step, ids, positions,
+                                   torch.arange(len(seqs), device=self.device))
         for s in seqs:
             s.length += 1
-        return fam.logits(hidden)
+        return logits
 
     # ------------------------------------------------------------------------------------------------------------
     # generate
@@ -289,7 +223,7 @@ class RolloutEngine:
             raise TypeError(f"generate: params must be a SamplingParams, found {type(params).__name__}")
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("generate: prompts must be a non-empty list of token-id lists")
-        vocab, max_pos, window = self.vocab_size, self.max_positions, self.sliding_window
+        vocab, max_pos = self.vocab_size, self.max_positions
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, (list, tuple)) or not prompt:
                 raise ValueError(f"generate: prompts[{i}] must be a non-empty list of token ids")
@@ -302,9 +236,6 @@ class RolloutEngine:
                     f"generate: prompts[{i}] ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                     f"exceeds the model's max_position_embeddings {max_pos}"
                 )
-            if self.family is not None and window is not None and total > window:
-                raise ValueError(f"generate: prompts[{i}] would exceed the sliding window {window}, which the "
-                                 f"hand-written families do not support (forward='model' does)")
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:
@@ -378,8 +309,8 @@ class RolloutEngine:
         return results
 
     def _start_groups(self, admitted, prompts, params, generator, stats, sample_index) -> list[_Sequence]:
-        """Prefills the ``admitted`` prompts (one forward for all of them on the model's own modules; one each on
-        a hand-written family), forks each into its n samples and samples their first tokens."""
+        """Prefills the ``admitted`` prompts (one forward for all of them), forks each into its n samples and
+        samples their first tokens."""
         entries = []
         for index in admitted:
             parent = self._new_seq_id()
@@ -387,12 +318,8 @@ class RolloutEngine:
             stats["reused_prefix_tokens"] += num_cached
             stats["prefill_tokens"] += len(prompts[index]) - num_cached
             entries.append((parent, prompts[index], num_cached))
-        if self.family is None:
-            all_logits = self._prefill_packed(entries)
-            stats["forward_calls"] += 1
-        else:
-            all_logits = [self._prefill(*entry) for entry in entries]
-            stats["forward_calls"] += len(entries)
+        all_logits = self._prefill_packed(entries)
+        stats["forward_calls"] += 1
         seqs = []
         for index, (parent, prompt, _), logits in zip(admitted, entries, all_logits, strict=True):
             group = [_Sequence(parent, index, len(prompt))]
