@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlhf_engine import kv_cache
+from rlhf_engine import kv_cache  # noqa: F401  (loads _C: its ops are called below)
 
 ATTENTION_NAME = "rlhf_engine_paged"
 _STEP: contextvars.ContextVar = contextvars.ContextVar("rlhf_engine_rollout_step", default=None)
@@ -130,7 +130,10 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     k = key[0].transpose(0, 1).contiguous()
     v = value[0].transpose(0, 1).contiguous()
     key_cache, value_cache = step.cache(layer, k)
-    kv_cache.write_kv(k, v, key_cache, value_cache, step.slots)
+    # NOTE: the ops themselves, not kv_cache's wrappers: their TORCH_CHECKs validate every argument, and the
+    # wrappers' Python checks would run again on every layer of every step
+    ops = torch.ops.rlhf_engine
+    ops.write_kv(k, v, key_cache, value_cache, step.slots)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if step.segments is not None:
         out = _prefill_attention(q, k, v, key_cache, value_cache, step.segments, scale, sliding_window, softcap)
@@ -141,8 +144,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         out = step.flash(q[:, None], key_cache, value_cache, cache_seqlens=lens32, block_table=tables32,
                          softmax_scale=scale, causal=True, window_size=window, softcap=softcap or 0.0)[:, 0]
     else:
-        out = kv_cache.paged_attention(q.contiguous(), key_cache, value_cache, step.block_tables, step.context_lens,
-                                       scale=scale, sliding_window=sliding_window, softcap=softcap)  # (N, H, D)
+        out = ops.paged_attention(q.contiguous(), key_cache, value_cache, step.block_tables, step.context_lens,
+                                  float(scale), int(sliding_window or 0), float(softcap or 0.0))  # (N, H, D)
     step.calls.append(layer)
     return out[None], None
 
