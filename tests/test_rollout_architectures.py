@@ -124,3 +124,17 @@ def test_refused_architectures_name_what_is_missing(tmp_path):
         t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2,
                                                  d_kv=8))
         RolloutEngine(t5)
+
+
+def test_the_readme_table_lists_the_tested_architectures():
+    """The README's table of supported architectures is this file's list: neither claims one the other lacks."""
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    table = readme[readme.index("| architecture | what it exercises |"):]
+    table = table[: table.index("\n\n")]
+    listed = {name.strip() for row in table.splitlines()[2:] for name in row.split("|")[1].split(",")}
+    assert listed == set(ARCHITECTURES), (sorted(listed), sorted(ARCHITECTURES))
+    assert re.search(rf"\b{len(ARCHITECTURES)} architectures token-for-token equal to HF greedy", readme)
