@@ -138,3 +138,49 @@ def test_the_readme_table_lists_the_tested_architectures():
     listed = {name.strip() for row in table.splitlines()[2:] for name in row.split("|")[1].split(",")}
     assert listed == set(ARCHITECTURES), (sorted(listed), sorted(ARCHITECTURES))
     assert re.search(rf"\b{len(ARCHITECTURES)} architectures token-for-token equal to HF greedy", readme)
+
+
+def test_attention_terms_the_kernels_lack_are_refused(tmp_path):
+    """gpt-oss adds attention sinks (``s_aux``): dropping them would roll out another model, so it is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_oss", **COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                  num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                                  sliding_window=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="passes s_aux to its attention"):
+        RolloutEngine(model).generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
+
+
+def test_a_failed_prefill_leaves_no_blocks_behind(model, monkeypatch):
+    """allocate_prompt keys a prompt's blocks before their KV exists: a prefill that fails frees them and drops
+    the keys, so the next rollout recomputes instead of reading empty blocks."""
+    from rlhf_engine.rollout import hf_bridge
+
+    batch = prompts(seed=6, lengths=(13, 9))
+    engine = RolloutEngine(model, block_size=4)
+    real = hf_bridge.forward
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(hf_bridge, "forward", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.generate(batch, SamplingParams(temperature=0.0, max_new_tokens=4))
+    monkeypatch.setattr(hf_bridge, "forward", real)
+    assert engine.pool.num_free_blocks() == engine.pool.num_blocks()
+    outputs = engine.generate(batch, SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert engine.stats["reused_prefix_tokens"] == 0
+    for prompt, out in zip(batch, outputs, strict=True):
+        assert out.samples[0].token_ids == hf_greedy(model, prompt, 4)
+
+
+def test_max_prefill_tokens_splits_the_packed_prefill(model):
+    batch = prompts()  # 5, 17, 1, 33 tokens
+    engine = RolloutEngine(model, block_size=4, max_prefill_tokens=20)
+    outputs = engine.generate(batch, SamplingParams(temperature=0.0, max_new_tokens=3))
+    # (5 + 17 + 1 = 23 > 20): [5] [17, 1] ... admitted in order within the cap, the 33-token prompt alone
+    assert engine.stats["forward_calls"] > 1 + 2
+    for prompt, out in zip(batch, outputs, strict=True):
+        assert out.samples[0].token_ids == hf_greedy(model, prompt, 3)

@@ -76,8 +76,9 @@ class RolloutEngine:
     """Generation on the paged KV cache over a transformers causal LM, running its own modules (``hf_bridge``)."""
 
     def __init__(self, model, *, block_size: int | None = None, max_num_seqs: int = 256,
-                 max_num_blocks: int | None = None, attention: str = "auto"):
+                 max_num_blocks: int | None = None, attention: str = "auto", max_prefill_tokens: int = 16384):
         """``max_num_blocks=None`` sizes the KV pool per call from the prompts, n and max_new_tokens.
+        ``max_prefill_tokens`` bounds the prompt tokens of one packed prefill forward (a longer prompt runs alone).
 
         ``attention``: decode attention over the paged cache. ``flash`` is flash-attn's ``flash_attn_with_kvcache``
         with the block table (CUDA, fp16/bf16, block_size a multiple of 256); ``paged`` is ``_C.paged_attention``
@@ -97,15 +98,17 @@ class RolloutEngine:
             block_size = FLASH_BLOCK if self._flash is not None else 16
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"RolloutEngine: block_size must be a positive int, found {block_size!r}")
+        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"RolloutEngine: max_prefill_tokens must be a positive int, found {max_prefill_tokens!r}")
+        self.max_prefill_tokens = max_prefill_tokens
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"RolloutEngine: max_num_seqs must be a positive int, found {max_num_seqs!r}")
         if max_num_blocks is not None and (not isinstance(max_num_blocks, int) or max_num_blocks < 1):
             raise ValueError(
                 f"RolloutEngine: max_num_blocks must be a positive int or None, found {max_num_blocks!r}"
             )
-        self.model = model  # its parameters: versions, dtype
-        # what the forward calls: under FSDP2, the gathered modules without FSDP's hooks
-        self._forward_model = hook_free_view(model) if _fsdp_sharded(model) else model
+        self.model = model  # its parameters: versions, dtype; under FSDP2 a hook-free view runs (each generate)
+        self._forward_model = model
         hf_bridge.check_model(model)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_positions = max_positions(model)
@@ -254,6 +257,8 @@ class RolloutEngine:
                 f"and {params.n} sequence slots; the engine has {num_blocks} blocks (max_num_blocks) and "
                 f"{self.max_num_seqs} slots (max_num_seqs): raise them or lower n / max_new_tokens"
             )
+        # what the forward calls: under FSDP2 the gathered modules without FSDP's hooks, as they are now
+        self._forward_model = hook_free_view(self.model) if _fsdp_sharded(self.model) else self.model
         dtype = next(self.model.parameters()).dtype  # FSDP's gathered parameters come in the compute dtype
         if dtype != self.dtype:
             self.dtype, self.pool, self.caches = dtype, None, []
@@ -278,12 +283,18 @@ class RolloutEngine:
                 # ones counted again) must fit in the pool beside the live ones, so no decode step runs dry
                 reserved = sum(per_seq[s.prompt_index] for s in live)
                 admitted: list[int] = []
+                prefill = 0
                 while waiting:
                     index = waiting[0]
                     group_need = per_seq[index] * params.n
                     seqs_after = len(live) + params.n * (len(admitted) + 1)
                     if seqs_after > self.max_num_seqs or reserved + group_need > self.pool.num_blocks():
                         break
+                    # one packed prefill holds at most max_prefill_tokens (at least one prompt): its activations
+                    # grow with the sum of the prompts
+                    if admitted and prefill + len(prompts[index]) > self.max_prefill_tokens:
+                        break
+                    prefill += len(prompts[index])
                     waiting.pop(0)
                     reserved += group_need
                     admitted.append(index)
@@ -312,13 +323,21 @@ class RolloutEngine:
         """Prefills the ``admitted`` prompts (one forward for all of them), forks each into its n samples and
         samples their first tokens."""
         entries = []
-        for index in admitted:
-            parent = self._new_seq_id()
-            num_cached = self.pool.allocate_prompt(parent, prompts[index])  # leading cached blocks are reused
-            stats["reused_prefix_tokens"] += num_cached
-            stats["prefill_tokens"] += len(prompts[index]) - num_cached
-            entries.append((parent, prompts[index], num_cached))
-        all_logits = self._prefill_packed(entries)
+        try:
+            for index in admitted:
+                parent = self._new_seq_id()
+                num_cached = self.pool.allocate_prompt(parent, prompts[index])  # leading cached blocks are reused
+                entries.append((parent, prompts[index], num_cached))
+                stats["reused_prefix_tokens"] += num_cached
+                stats["prefill_tokens"] += len(prompts[index]) - num_cached
+            all_logits = self._prefill_packed(entries)
+        except BaseException:
+            # allocate_prompt keyed these prompts' full blocks for reuse before their KV was written: free them
+            # and forget every key, so that no later prompt reads blocks holding no KV
+            for parent, _, _ in entries:
+                self.pool.free(parent)
+            self.reset_prefix_cache()
+            raise
         stats["forward_calls"] += 1
         seqs = []
         for index, (parent, prompt, _), logits in zip(admitted, entries, all_logits, strict=True):

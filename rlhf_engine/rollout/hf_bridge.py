@@ -27,6 +27,12 @@ import torch.nn.functional as F
 from rlhf_engine import kv_cache  # noqa: F401  (loads _C: its ops are called below)
 
 ATTENTION_NAME = "rlhf_engine_paged"
+# what transformers' models pass along to an attention function besides the attention's own inputs, none of which
+# changes the attention; anything else that is not None (attention sinks ``s_aux`` / ``sinks``, a position bias,
+# sparse ``indices``...) is an attention term the paged kernels do not compute, and is refused
+_BENIGN_KWARGS = frozenset({"position_ids", "use_cache", "output_router_logits", "output_attentions",
+                            "output_hidden_states", "return_dict", "cache_position", "past_key_values", "cache",
+                            "is_causal", "layer_idx"})
 _STEP: contextvars.ContextVar = contextvars.ContextVar("rlhf_engine_rollout_step", default=None)
 
 
@@ -122,6 +128,11 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if step is None:
         raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside RolloutEngine.generate; load the model "
                            f"with attn_implementation='sdpa' (or eager) for other uses")
+    extra = [k for k, v in kwargs.items() if v is not None and k not in _BENIGN_KWARGS]
+    if extra or attention_mask is not None or kwargs.get("is_causal") is False:
+        what = ", ".join(extra) or ("an attention mask of its own" if attention_mask is not None else "is_causal=False")
+        raise ValueError(f"RolloutEngine: {type(module).__name__} passes {what} to its attention, which the paged "
+                         f"kernels do not compute: this architecture cannot roll out on the block pool")
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise ValueError(f"{type(module).__name__} has no layer_idx: its KV cannot be placed in the block pool")
@@ -205,6 +216,9 @@ def forward(model, step: Step, input_ids: torch.Tensor, positions: torch.Tensor,
     with running(model, step):
         out = model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=rows)
     layers = getattr(_text_config(model.config), "num_hidden_layers", None)
+    if len(set(step.calls)) != len(step.calls):
+        raise ValueError(f"RolloutEngine: {type(model).__name__} called attention twice with one layer_idx (shared "
+                         f"or reused layers): their KV would overwrite each other in the block pool")
     if not step.calls or (layers is not None and len(step.calls) != layers):
         raise ValueError(f"RolloutEngine: {type(model).__name__} ran {len(step.calls)} of its {layers} attention "
                          f"layers through transformers' attention interface: its layers do not use it, so its KV "
