@@ -257,8 +257,6 @@ class RolloutEngine:
                 f"and {params.n} sequence slots; the engine has {num_blocks} blocks (max_num_blocks) and "
                 f"{self.max_num_seqs} slots (max_num_seqs): raise them or lower n / max_new_tokens"
             )
-        # what the forward calls: under FSDP2 the gathered modules without FSDP's hooks, as they are now
-        self._forward_model = hook_free_view(self.model) if _fsdp_sharded(self.model) else self.model
         dtype = next(self.model.parameters()).dtype  # FSDP's gathered parameters come in the compute dtype
         if dtype != self.dtype:
             self.dtype, self.pool, self.caches = dtype, None, []
@@ -272,6 +270,8 @@ class RolloutEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
+        # what the forward calls: under FSDP2 the gathered modules without FSDP's hooks, as they are now
+        self._forward_model = hook_free_view(self.model) if _fsdp_sharded(self.model) else self.model
         stats = {"prefill_tokens": 0, "reused_prefix_tokens": 0, "decode_tokens": 0, "forward_calls": 0}
         results = [RolloutOutput(p, [None] * params.n) for p in prompts]
         waiting = list(range(len(prompts)))
