@@ -13,6 +13,7 @@ from a killed process are ignored and removed on the next save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -104,17 +105,29 @@ def load_checkpoint_state(path: str) -> tuple[dict, dict]:
     return meta, state
 
 
-def copy_model_atomic(source: str, path: str) -> str:
-    """A copy of the model directory ``source`` at ``path``, through a temporary directory and a rename; the
-    previous ``path``, if any, stays whole until the new one is in place."""
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yields an empty temporary directory to fill; on a clean exit it is renamed to ``path`` (the previous
+    ``path``, if any, stays whole until the new one is in place), on an error removed."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(parent)
+
+
+def copy_model_atomic(source: str, path: str) -> str:
+    """A copy of the model directory ``source`` at ``path``, through ``atomic_dir``."""
+    with atomic_dir(path) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     return path

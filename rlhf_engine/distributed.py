@@ -222,7 +222,7 @@ def hook_free_view(module: torch.nn.Module) -> torch.nn.Module:
     shallow copy of its original class without FSDP's hooks, sharing the unit's parameter and buffer dicts (into
     which ``unshard`` registers the whole parameters). So the model's own forward runs on the gathered weights
     with no all-gather per layer: a collective that ranks running different numbers of rollout steps could not
-    join. Modules holding no FSDP unit are shared as they are."""
+    join. Modules holding no FSDP unit are shared as they are (an unsharded model is its own view)."""
     from collections import OrderedDict
 
     from torch.distributed.fsdp import FSDPModule

@@ -274,41 +274,33 @@ def export_merged(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     directory (fp32, as trained); the other files of ``adapter_dir`` (the tokenizer, a scalar head) are copied
     beside it. Written into a temporary directory and renamed into place."""
     peft = _peft()
+    from rlhf_engine.checkpoint import atomic_dir
     from rlhf_engine.models.loading import load_causal_lm
 
     base = load_causal_lm(base_dir)
     with warnings.catch_warnings():  # peft reads an attribute transformers 5 renamed: not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         merged = peft.PeftModel.from_pretrained(base, adapter_dir, adapter_name=ADAPTER).merge_and_unload()
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    for name in os.listdir(adapter_dir):
-        source = os.path.join(adapter_dir, name)
-        if (name not in (*ADAPTER_FILES, SETTINGS_FILE) and os.path.isfile(source)
-                and not os.path.exists(os.path.join(tmp, name))):
-            shutil.copy2(source, os.path.join(tmp, name))
-    with open(os.path.join(tmp, "lora_merged.json"), "w") as f:  # provenance, for a reader of the directory
-        json.dump({"base_model": os.path.abspath(base_dir), "adapter": os.path.abspath(adapter_dir)}, f, indent=1)
-    old = f"{out_dir}.old-{os.getpid()}"
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        for name in os.listdir(adapter_dir):
+            source = os.path.join(adapter_dir, name)
+            if (name not in (*ADAPTER_FILES, SETTINGS_FILE) and os.path.isfile(source)
+                    and not os.path.exists(os.path.join(tmp, name))):
+                shutil.copy2(source, os.path.join(tmp, name))
+        with open(os.path.join(tmp, "lora_merged.json"), "w") as f:  # provenance, for a reader of the directory
+            json.dump({"base_model": os.path.abspath(base_dir), "adapter": os.path.abspath(adapter_dir)}, f,
+                      indent=1)
     return out_dir
 
 
 def copy_adapter(adapter_dir: str, out_dir: str, extra: tuple[str, ...] = ()) -> str:
     """The adapter files of ``adapter_dir`` and those of ``extra`` it has (a reward model's head) copied to
     ``out_dir``, through a temporary directory and a rename."""
-    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in (*ADAPTER_FILES, *extra):
-        if os.path.isfile(os.path.join(adapter_dir, name)):
-            shutil.copy2(os.path.join(adapter_dir, name), os.path.join(tmp, name))
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    from rlhf_engine.checkpoint import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        for name in (*ADAPTER_FILES, *extra):
+            if os.path.isfile(os.path.join(adapter_dir, name)):
+                shutil.copy2(os.path.join(adapter_dir, name), os.path.join(tmp, name))
     return out_dir

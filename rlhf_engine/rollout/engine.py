@@ -55,14 +55,6 @@ ATTENTION_BACKENDS = ("auto", "paged", "flash")
 FLASH_BLOCK = 256  # flash-attn 2's paged KV cache needs a page size that is a multiple of 256
 
 
-def _fsdp_sharded(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 def _flash_with_kvcache():
     """``flash_attn.flash_attn_with_kvcache``, or None when flash-attn is not installed."""
     try:
@@ -271,7 +263,7 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()
         # what the forward calls: under FSDP2 the gathered modules without FSDP's hooks, as they are now
-        self._forward_model = hook_free_view(self.model) if _fsdp_sharded(self.model) else self.model
+        self._forward_model = hook_free_view(self.model)  # (the model itself when nothing in it is sharded)
         stats = {"prefill_tokens": 0, "reused_prefix_tokens": 0, "decode_tokens": 0, "forward_calls": 0}
         results = [RolloutOutput(p, [None] * params.n) for p in prompts]
         waiting = list(range(len(prompts)))
