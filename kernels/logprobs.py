@@ -36,10 +36,13 @@ def _tanh(y):
 @triton.jit
 def _transform(x, inv_temperature, pre_scale, post_scale, SOFTCAP: tl.constexpr):
     """(z, dz/dx) of raw logits x (fp32): x * inv_temperature, or post_scale tanh(pre_scale x) with SOFTCAP."""
+    # NOTE: the plain return under `else`: compiled Triton still generates the statements after an `if SOFTCAP:`
+    # that returns, then refuses the two return types (block, block) and (block, scalar); the interpreter does not
     if SOFTCAP:
         t = _tanh(x * pre_scale)
         return t * post_scale, inv_temperature * (1.0 - t * t)
-    return x * inv_temperature, inv_temperature
+    else:
+        return x * inv_temperature, inv_temperature
 
 
 @triton.jit
@@ -81,8 +84,10 @@ def _token_logprobs_fwd_kernel(
                 if SOFTCAP:  # the cap bounds -inf padding too: keep it out of the row
                     z = tl.where(cols < n_cols, z, -float("inf"))
                 m_new = tl.maximum(m, tl.max(z, axis=0))
-                scale = tl.exp(m - m_new)
-                e = tl.exp(z - m_new)
+                # a row whose tiles so far are all -inf (masked tokens) keeps s = 0: exp(-inf - -inf) would be NaN
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                scale = tl.exp(m - m_safe)
+                e = tl.exp(z - m_safe)
                 s = s * scale + tl.sum(e, axis=0)
                 if RETURN_ENTROPY:
                     # e == 0 where z == -inf (padding or a masked token): 0 * -inf must count as 0

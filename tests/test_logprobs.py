@@ -170,6 +170,36 @@ def test_non_contiguous_logits(backend):
                                rtol=1e-5)
 
 
+def test_non_contiguous_targets(backend):
+    """labels[:, 1:] of a [B, 2] batch: targets whose reshape(-1) is a strided view, not a copy."""
+    logits = torch.randn(7, 1, 40, requires_grad=True)
+    labels = torch.randint(0, 40, (7, 2))
+    targets = labels[:, 1:]  # stride (2, 1)
+    logp = token_logprobs(logits, targets)
+    logp.sum().backward()
+    x64 = logits.detach().double().requires_grad_()
+    reference(x64, targets.contiguous())[0].sum().backward()
+    torch.testing.assert_close(logp.double(), reference(logits.detach(), targets.contiguous())[0], atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_tile_of_masked_tokens_only(backend):
+    """The first 4096-wide tile of a row all -inf (a logits processor banning the front of the vocabulary): the
+    online softmax starts from nothing there, and must not make it NaN."""
+    logits = torch.randn(3, 4096 + 1301)
+    logits[0, :4096] = float("-inf")
+    logits[1, :5000] = float("-inf")  # only the tail is live, across the tile boundary
+    targets = torch.tensor([4100, 5003, 17])
+    x = logits.clone().requires_grad_()
+    logp, entropy = token_logprobs(x, targets, return_entropy=True)
+    (logp + entropy).sum().backward()
+    ref_logp, ref_entropy = reference(logits, targets)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[1, :5000] == 0)
+
+
 def test_more_rows_than_programs(backend, monkeypatch):
     # The launch grid is capped; programs stride over the remaining rows (CUDA limits grid dimensions).
     monkeypatch.setattr(kernels, "MAX_PROGRAMS", 4)

@@ -473,7 +473,7 @@ def token_logprobs(
     logits2d = logits.reshape(-1, vocab_size)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    targets1d = targets.reshape(-1).to(torch.int64)
+    targets1d = targets.reshape(-1).to(torch.int64).contiguous()  # the kernels index it by row
     out = _TokenLogprobsFunction.apply(logits2d, targets1d, inv_temperature, ignore_index, return_entropy, op, cap)
     if return_entropy:
         return out[0].view(lead_shape), out[1].view(lead_shape)
@@ -538,7 +538,7 @@ def linear_logprobs(
         )
     lead_shape = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden_size)
-    targets1d = targets.reshape(-1).to(torch.int64)
+    targets1d = targets.reshape(-1).to(torch.int64).contiguous()  # the kernels index it by row
     # the cache is for a backward: none under no_grad or when nothing needs a gradient
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     with torch.autocast(device_type, enabled=False):
