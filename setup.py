@@ -9,6 +9,8 @@ A CPU-only install never needs nvcc: the .cu files are compiled only when CUDA i
 
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -41,13 +43,57 @@ def _want_cuda(torch_mod, cuda_home) -> bool:
     return torch_mod.version.cuda is not None and cuda_home is not None
 
 
+def _has_cuda_headers(home) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _set_cuda_home() -> None:
+    """torch takes an unset CUDA_HOME to be the folder above the first ``nvcc`` on PATH. A wrapper script there
+    (``/usr/local/bin/nvcc`` exec'ing the toolkit's own) makes that ``/usr/local``, which has no CUDA headers;
+    then CUDA_HOME is set to the toolkit nvcc itself reports (``_HERE_`` in its ``--dryrun`` output)."""
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return
+    if _has_cuda_headers(os.path.dirname(os.path.dirname(nvcc))):
+        return
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return  # torch's own guess stands; _extensions names CUDA_HOME if it lacks the headers
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            home = os.path.dirname(line.split("=", 1)[1].strip())
+            if _has_cuda_headers(home):
+                os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     import torch
+
+    if torch.version.cuda is not None and os.environ.get("RLHF_ENGINE_CUDA") != "0":
+        _set_cuda_home()  # before cpp_extension reads it at import
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", str(_mem_based_jobs()))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if _want_cuda(torch, CUDA_HOME):
+        if torch.version.cuda is None:
+            raise RuntimeError(
+                f"RLHF_ENGINE_CUDA=1, but torch {torch.__version__} is a CPU build: install a CUDA "
+                f"build of torch, or unset RLHF_ENGINE_CUDA"
+            )
+        if not _has_cuda_headers(CUDA_HOME):
+            raise RuntimeError(
+                f"building the CUDA sources, but CUDA_HOME={CUDA_HOME!r} has no include/cuda_runtime.h: "
+                f"set CUDA_HOME to the CUDA toolkit (the folder with bin/nvcc and include/), or "
+                f"RLHF_ENGINE_CUDA=0 for a CPU-only build"
+            )
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         ext = CUDAExtension(

@@ -5,8 +5,8 @@
 Steps, each a row of the table (and of the JSON), the exit status 1 if any failed:
 1. build ``rlhf_engine._C`` in place with its CUDA sources (``RLHF_ENGINE_CUDA=1``);
 2. the kernel tests with each backend forced (``RLHF_ENGINE_BACKEND=triton|torch``, ``TRITON_INTERPRET=0``, the
-   tests' tensors made on ``cuda`` through ``RLHF_ENGINE_TEST_DEVICE``), the cache / paged-attention tests and
-   the rollout exactness tests on ``cuda``;
+   tests' tensors made on ``cuda`` through ``RLHF_ENGINE_TEST_DEVICE``), the cache / paged-attention tests on
+   ``cuda``, and the rollout exactness tests with their models on ``cuda`` (``RLHF_ENGINE_TEST_MODEL_DEVICE``);
 3. a bf16 SFT, reward-model and GRPO smoke on a tiny model on the GPU;
 4. the microbenchmarks' quick cases against the naive PyTorch path, and the device-to-device copy bandwidth
    of this GPU (the limit of a pass over bf16 logits) beside the token log-prob pass's achieved bandwidth.
@@ -30,15 +30,22 @@ KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "test
                 "tests/test_advantages.py::test_gae_matches_reference",
                 "tests/test_advantages.py::test_gae_skips_interior_masked_span",
                 "tests/test_advantages.py::test_gae_more_rows_than_programs"]
-NATIVE_TESTS = ["tests/test_cache_ops.py", "tests/test_paged_attention.py", "tests/test_rollout.py"]
+NATIVE_TESTS = ["tests/test_cache_ops.py", "tests/test_paged_attention.py"]
+ROLLOUT_TESTS = ["tests/test_rollout.py", "tests/test_rollout_architectures.py"]
 BUDGET_S = 8 * 60
+
+
+def _env(extra: dict | None) -> dict:
+    """The environment of a step: this tree first on the import path, so that an uninstalled checkout (a bare
+    GPU machine: no venv, `_C` built in place) runs, and an installed copy elsewhere does not stand in for it."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 def _run(name: str, cmd: list[str], env: dict | None = None, timeout: int = 300) -> dict:
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
         ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as err:
         ok, tail = False, f"timed out after {timeout} s: {err}"
@@ -54,8 +61,11 @@ def plan() -> list[tuple[str, list[str], dict]]:
     for backend in ("triton", "torch"):
         steps.append((f"kernel tests, {backend}", [py, "-m", "pytest", "-q", "-x", *KERNEL_TESTS],
                       {"RLHF_ENGINE_BACKEND": backend, "TRITON_INTERPRET": "0", "RLHF_ENGINE_TEST_DEVICE": "cuda"}))
-    steps.append(("cache, paged attention, rollout on cuda", [py, "-m", "pytest", "-q", "-x", *NATIVE_TESTS],
+    steps.append(("cache and paged attention on cuda", [py, "-m", "pytest", "-q", "-x", *NATIVE_TESTS],
                   {"TRITON_INTERPRET": "0"}))
+    # the models on cuda, torch's default device left on the CPU: a tensor the engine makes without a device fails
+    steps.append(("rollout exactness on cuda", [py, "-m", "pytest", "-q", "-x", *ROLLOUT_TESTS],
+                  {"TRITON_INTERPRET": "0", "RLHF_ENGINE_TEST_MODEL_DEVICE": "cuda"}))
     steps.append(("bf16 SFT / RM / GRPO smoke", [py, os.path.abspath(__file__), "--smoke"], {}))
     for script in ("bench_logprobs.py", "bench_ppo_loss.py"):
         steps.append((f"{script} --quick", [py, f"benchmarks/{script}", "--quick", "--device", "cuda", "--json",
@@ -63,8 +73,8 @@ def plan() -> list[tuple[str, list[str], dict]]:
     return steps
 
 
-def smoke() -> int:
-    """bf16 SFT -> reward model -> GRPO on a tiny model on cuda, through the trainers' Python API."""
+def smoke(device: str = "cuda") -> int:
+    """bf16 SFT -> reward model -> GRPO on a tiny model on ``device``, through the trainers' Python API."""
     import torch
 
     from rlhf_engine.data.jsonl import PreferenceRecord, SFTRecord
@@ -78,14 +88,14 @@ def smoke() -> int:
     tokenizer = build_byte_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         path = task.build_tiny_model_dir(os.path.join(tmp, "m"), vocab_size=len(tokenizer), seed=0)
-        policy = load_causal_lm(path, device="cuda")
+        policy = load_causal_lm(path, device=device)
         sft = [SFTRecord(task.format_prompt(e.prompt), e.response) for e in task.make_sft_examples(256, 1)]
         rows = train_sft(policy, tokenizer, sft, SFTConfig(steps=20, lr=3e-3, max_length=128, precision="bf16"),
                          progress=False)
         assert rows[-1]["loss"] < rows[0]["loss"], "bf16 SFT did not lower the loss"
         pairs = [PreferenceRecord(task.format_prompt(e.prompt), e.response, e.response[::-1])
                  for e in task.make_sft_examples(128, 2)]
-        rm = ScalarHeadModel(load_causal_lm(path, device="cuda")).cuda()
+        rm = ScalarHeadModel(load_causal_lm(path, device=device)).to(device)
         train_reward_model(rm, tokenizer, pairs, RewardConfig(steps=10, lr=1e-3, max_length=160, precision="bf16"),
                            progress=False)
         config = PPOConfig(algorithm="grpo", iterations=3, prompts_per_iteration=8, n_samples=4, max_new_tokens=16,
@@ -129,6 +139,9 @@ def main(argv=None) -> int:
             print(f"  - {name}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}".rstrip())
         return 0
     start = time.perf_counter()
+    bench = os.path.join(ROOT, "bench_out", "gpu_bench_logprobs.json")
+    if os.path.isfile(bench):
+        os.remove(bench)  # a failed benchmark step must not leave an earlier run's rows to be read below
     rows = []
     for name, cmd, env in steps:
         left = BUDGET_S - (time.perf_counter() - start)
@@ -139,11 +152,10 @@ def main(argv=None) -> int:
         print(f"{'ok  ' if rows[-1]['ok'] else 'FAIL'} {name} ({rows[-1]['seconds']} s)", flush=True)
     bandwidth = copy_bandwidth_gbs()
     rows.append({"step": f"D2D copy bandwidth {bandwidth:.0f} GB/s", "ok": True, "seconds": 0.0})
-    bench = os.path.join(ROOT, "bench_out", "gpu_bench_logprobs.json")
     if os.path.isfile(bench):
         with open(bench) as f:
             for r in json.load(f):
-                if r.get("op") == "token_logprobs" and r.get("provider") == "ours" and r.get("forward_ms"):
+                if r.get("op") == "token" and r.get("provider") == "ours" and r.get("forward_ms"):
                     itemsize = torch.empty(0, dtype=getattr(torch, r["dtype"])).element_size()  # "bfloat16"...
                     achieved = r["N"] * r["V"] * itemsize / (r["forward_ms"] / 1e3) / 1e9
                     rows.append({"step": f"token_logprobs {r['N']}x{r['V']} {r['dtype']} forward: {achieved:.0f} GB/s "

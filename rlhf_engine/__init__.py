@@ -1,3 +1,26 @@
 """rlhf-engine: RLHF training (SFT, reward model, PPO/GRPO/RLOO) with fused Triton kernels and a paged KV cache."""
 
 __version__ = "0.1.0"
+
+
+def _kernels_of_a_source_tree() -> None:
+    """An install puts the top-level ``kernels/`` inside this package (setup.py's ``package_dir``). A source
+    checkout run uninstalled, with ``_C`` built in place (``make gpu-check`` with the interpreter it is given),
+    has it beside this package instead: ``rlhf_engine.kernels`` is then that folder."""
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec(f"{__name__}.kernels") is not None:  # installed, or an editable install
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(f"{__name__}.kernels", init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_of_a_source_tree()

@@ -149,7 +149,7 @@ def copy_blocks(
     """
     _check_caches("copy_blocks", key_cache, value_cache)
     if not isinstance(block_mapping, torch.Tensor):
-        block_mapping = torch.tensor(block_mapping, dtype=torch.int64).reshape(-1, 2)
+        block_mapping = torch.tensor(block_mapping, dtype=torch.int64, device="cpu").reshape(-1, 2)
     if block_mapping.dim() != 2 or block_mapping.shape[1] != 2:
         raise ValueError(
             f"copy_blocks: block_mapping must be [num_pairs, 2] of (src, dst), found shape {tuple(block_mapping.shape)}"

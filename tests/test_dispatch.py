@@ -1,4 +1,5 @@
-"""The dispatcher: forced backends, the automatic choice, and a failing kernel that raises (never falls back)."""
+"""The dispatcher: forced backends, the automatic choice, and a failing kernel that raises (never falls back).
+The CPU cases name their device: `make gpu-check` makes cuda the default device."""
 
 import pytest
 import torch
@@ -8,7 +9,13 @@ from rlhf_engine.ops import _dispatch, token_logprobs
 
 def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
     monkeypatch.delenv("RLHF_ENGINE_BACKEND", raising=False)
-    assert _dispatch.select_backend("op", torch.zeros(1)) == ("torch", False)
+    assert _dispatch.select_backend("op", torch.zeros(1, device="cpu")) == ("torch", False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+    monkeypatch.delenv("RLHF_ENGINE_BACKEND", raising=False)
+    assert _dispatch.select_backend("op", torch.zeros(1, device="cuda")) == ("triton", False)
 
 
 def test_forced_torch(monkeypatch):
@@ -20,9 +27,9 @@ def test_forced_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("RLHF_ENGINE_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        _dispatch.select_backend("token_logprobs", torch.zeros(1))
+        _dispatch.select_backend("token_logprobs", torch.zeros(1, device="cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _dispatch.select_backend("token_logprobs", torch.zeros(1)) == ("triton", True)
+    assert _dispatch.select_backend("token_logprobs", torch.zeros(1, device="cpu")) == ("triton", True)
 
 
 def test_unknown_backend_is_named(monkeypatch):
@@ -45,7 +52,8 @@ def test_a_failing_kernel_raises_naming_op_backend_shapes_and_the_switch(monkeyp
 
     for _ in range(2):  # every call raises: nothing is cached, nothing falls back
         with pytest.raises(_dispatch.KernelError) as info:
-            _dispatch.run("op", (torch.zeros(3, 5),), {"triton": broken, "torch": torch_path}, torch.zeros(1))
+            x = torch.zeros(3, 5, device="cpu")
+            _dispatch.run("op", (x,), {"triton": broken, "torch": torch_path}, x)
         message = str(info.value)
         for part in ("op:", "triton kernel failed", "(3, 5) float32 on cpu", "RuntimeError: kernel failed",
                      "RLHF_ENGINE_BACKEND=torch"):

@@ -1,4 +1,4 @@
-"""`make gpu-check` without a GPU: it says so, lists every step it would run, and exits 0."""
+"""`make gpu-check` without a GPU: it says so, lists every step it would run, and exits 0; its smoke runs on the CPU."""
 
 import importlib.util
 from pathlib import Path
@@ -9,14 +9,26 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: `make gpu-check` runs for real")
-def test_without_a_gpu_it_lists_the_steps_and_exits_0(capsys):
+def _load():
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: `make gpu-check` runs for real")
+def test_without_a_gpu_it_lists_the_steps_and_exits_0(capsys):
+    module = _load()
     assert module.main([]) == 0
     out = capsys.readouterr().out
     assert "no CUDA GPU" in out
     for step in ("RLHF_ENGINE_CUDA=1", "RLHF_ENGINE_BACKEND=triton", "RLHF_ENGINE_BACKEND=torch", "--smoke",
-                 "bench_logprobs.py", "test_paged_attention.py"):
+                 "bench_logprobs.py", "test_paged_attention.py",
+                 "RLHF_ENGINE_TEST_MODEL_DEVICE=cuda", "test_rollout_architectures.py"):
         assert step in out
+
+
+def test_the_smoke_runs_on_the_cpu():
+    """The GPU smoke (bf16 SFT -> reward model -> GRPO through the trainers' API) on the CPU: its calls stay in
+    step with the trainers between the rare runs on a GPU."""
+    assert _load().smoke("cpu") == 0

@@ -210,12 +210,13 @@ def test_frozen_weight_gets_no_grad(backend):
     assert hidden.grad is not None and weight.grad is None
 
 
-def test_autocast_bf16_on_cpu(monkeypatch):
+def test_autocast_bf16(monkeypatch):
+    """Under autocast on the tensors' device (the CPU here, cuda under `make gpu-check`)."""
     monkeypatch.setenv("RLHF_ENGINE_BACKEND", "torch")
     hidden = torch.randn(12, 16, requires_grad=True)
     weight = torch.randn(40, 16, requires_grad=True)
     targets = torch.randint(0, 40, (12,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
         logp = linear_logprobs(hidden, weight, targets, chunk_size=5)
     logp.sum().backward()
     assert logp.dtype == torch.float32

@@ -1,4 +1,7 @@
-"""The rollout engine against Hugging Face generate and a teacher-forced forward of the training model."""
+"""The rollout engine against Hugging Face generate and a teacher-forced forward of the training model. The models
+are on RLHF_ENGINE_TEST_MODEL_DEVICE (`make gpu-check`: cuda; the CPU otherwise)."""
+
+import os
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from rlhf_engine.ops import token_logprobs
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
 
 VOCAB = 97
+DEVICE = os.environ.get("RLHF_ENGINE_TEST_MODEL_DEVICE", "cpu")
 
 
 def tiny_config(kind: str):
@@ -37,7 +41,7 @@ def model(request, tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp(request.param)
     AutoModelForCausalLM.from_config(tiny_config(request.param)).save_pretrained(path)
-    return load_causal_lm(str(path))
+    return load_causal_lm(str(path), device=DEVICE)
 
 
 def ragged_prompts(seed=0, lengths=(5, 17, 1, 33)):
@@ -47,7 +51,7 @@ def ragged_prompts(seed=0, lengths=(5, 17, 1, 33)):
 
 def hf_greedy(model, prompt, new_tokens):
     # an explicit attention mask: without it HF infers one from pad_token_id and masks prompt tokens equal to it
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                          min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
     return out[0, len(prompt):].tolist()
@@ -70,10 +74,10 @@ def test_logprobs_equal_teacher_forced_forward(model):
     params = SamplingParams(n=3, temperature=0.8, top_k=20, max_new_tokens=9, seed=7)
     for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):
         for sample in out.samples:
-            ids = torch.tensor([prompt + sample.token_ids])
+            ids = torch.tensor([prompt + sample.token_ids], device=model.device)
             logits = model(ids).logits[0, len(prompt) - 1 : -1]
-            expected = token_logprobs(logits, torch.tensor(sample.token_ids), temperature=0.8)
-            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-4, rtol=0)
+            expected = token_logprobs(logits, ids[0, len(prompt) :], temperature=0.8)
+            torch.testing.assert_close(torch.tensor(sample.logprobs), expected.cpu(), atol=1e-4, rtol=0)
 
 
 def test_n_samples_share_one_prefill_and_are_reproducible(model):
@@ -178,7 +182,8 @@ def test_flash_decode_path_gives_the_paged_result(model):
 
 
 def test_flash_attention_names_what_is_missing(model):
-    with pytest.raises(ValueError, match="needs CUDA"):
+    needs = "needs CUDA" if DEVICE == "cpu" else "needs float16 or bfloat16"  # the fp32 test models
+    with pytest.raises(ValueError, match=f"attention='flash' cannot run: .*{needs}"):
         RolloutEngine(model, attention="flash")
     with pytest.raises(ValueError, match="attention must be one of"):
         RolloutEngine(model, attention="sdpa")

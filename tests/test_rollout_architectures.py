@@ -1,6 +1,9 @@
 """The rollout on the model's own transformers modules (``hf_bridge``) across architectures: greedy tokens equal
 HF ``generate``, sampled log-probs equal a teacher-forced forward, one prefill shared by the n samples, several
-prompts prefilled in one forward. Tiny random configs built locally (nothing downloaded)."""
+prompts prefilled in one forward. Tiny random configs built locally (nothing downloaded), the models on
+RLHF_ENGINE_TEST_MODEL_DEVICE (`make gpu-check`: cuda; the CPU otherwise)."""
+
+import os
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from rlhf_engine.ops import token_logprobs
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
 
 VOCAB = 97
+DEVICE = os.environ.get("RLHF_ENGINE_TEST_MODEL_DEVICE", "cpu")
 # every config: 2 layers, hidden 32, 4 heads of 8 (2 KV heads where the architecture has GQA); initializer_range
 # 0.2 (10x the default) spreads the logits, so that greedy decoding has no near-ties that two correct summation
 # orders could break differently
@@ -52,7 +56,7 @@ def build(kind: str, tmp_path):
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    return load_causal_lm(str(tmp_path)).eval()
+    return load_causal_lm(str(tmp_path), device=DEVICE).eval()
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
@@ -66,7 +70,7 @@ def prompts(seed=0, lengths=(5, 17, 1, 33)):
 
 
 def hf_greedy(model, prompt, new_tokens):
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
@@ -92,11 +96,11 @@ def test_sampled_logprobs_equal_a_teacher_forced_forward(model):
     assert engine.stats["prefill_tokens"] + engine.stats["reused_prefix_tokens"] == sum(map(len, batch))
     for prompt, out in zip(batch, outputs, strict=True):
         for sample in out.samples:
-            ids = torch.tensor([prompt + sample.token_ids])
+            ids = torch.tensor([prompt + sample.token_ids], device=model.device)
             with torch.no_grad():
                 logits = model(ids).logits[0, len(prompt) - 1 : -1]
-            expected = token_logprobs(logits, torch.tensor(sample.token_ids), temperature=0.8)
-            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-4, rtol=0)
+            expected = token_logprobs(logits, ids[0, len(prompt) :], temperature=0.8)
+            torch.testing.assert_close(torch.tensor(sample.logprobs), expected.cpu(), atol=1e-4, rtol=0)
 
 
 def test_a_shared_prefix_is_reused_within_one_prefill(model):
@@ -184,3 +188,4 @@ def test_max_prefill_tokens_splits_the_packed_prefill(model):
     assert engine.stats["forward_calls"] > 1 + 2
     for prompt, out in zip(batch, outputs, strict=True):
         assert out.samples[0].token_ids == hf_greedy(model, prompt, 3)
+

@@ -300,10 +300,11 @@ class PPOTrainer(ExperienceMaker):
         sums: dict[str, float] = {}
         count = 0
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(b, generator=torch.Generator().manual_seed(self.rng.randrange(2**31)))
+            # on the CPU whatever torch's default device: the generator is a CPU one
+            order = torch.randperm(b, generator=torch.Generator().manual_seed(self.rng.randrange(2**31)), device="cpu")
             whole = minibatch >= b
             if whole:  # one minibatch: keep the rollout's order, so each prompt's group of samples stays together
-                order = torch.arange(b)
+                order = torch.arange(b, device="cpu")
             for start in range(0, b, minibatch):
                 idx = order[start : start + minibatch].to(batch["input_ids"].device)
                 mb = {k: v[idx] for k, v in batch.items()}
