@@ -189,3 +189,15 @@ def test_max_prefill_tokens_splits_the_packed_prefill(model):
     for prompt, out in zip(batch, outputs, strict=True):
         assert out.samples[0].token_ids == hf_greedy(model, prompt, 3)
 
+
+def test_attention_softcapping_the_training_attention_drops_is_refused(tmp_path, monkeypatch):
+    """transformers 5.17 loads Gemma 2 with SDPA, which drops attn_logit_softcapping (5.24 refuses SDPA for it):
+    load_causal_lm loads such a model with eager attention, and the rollout refuses one running on SDPA."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2PreTrainedModel
+
+    monkeypatch.setattr(Gemma2PreTrainedModel, "_supports_sdpa", True)  # what transformers 5.17 declares
+    model = build("gemma2", tmp_path)  # saved, then loaded by load_causal_lm
+    assert model.config._attn_implementation == "eager"
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match=r"attn_logit_softcapping=2\.0\), which its attention implementation 'sdpa'"):
+        RolloutEngine(model)

@@ -79,8 +79,21 @@ def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.dev
                              f"wrote to output_dir/model (or load the adapter onto its base model: base=)")
         return load_lora(load_causal_lm(base, dtype=dtype, device=device), path, lora).to(device)
     _check_dir(path, "model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True,
+                                                 **_attention_kwargs(path))
     return model.to(device)
+
+
+def _attention_kwargs(path: str) -> dict:
+    """transformers' SDPA attention drops the soft-capping of attention scores (Gemma 2's
+    ``attn_logit_softcapping``), yet some versions (5.17) load such a model with it: the model trained would not
+    be the one its config defines, nor the one the rollout samples from (its kernels apply the cap). Those models
+    load with eager attention, which applies it (transformers 5.24 picks eager itself)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
 
 
 def prepare_lora(lm, config) -> bool:

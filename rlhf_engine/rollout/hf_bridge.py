@@ -191,6 +191,12 @@ def check_model(model) -> None:
         raise ValueError(f"RolloutEngine: {name!r} ({type(model).__name__}) does not route its attention through "
                          f"transformers' attention interface (its _supports_attention_backend is False), so its KV "
                          f"cannot live in the block pool")
+    text = _text_config(config)
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap and getattr(text, "_attn_implementation", None) == "sdpa":
+        raise ValueError(f"RolloutEngine: {name!r} soft-caps its attention scores (attn_logit_softcapping={cap}), "
+                         f"which its attention implementation 'sdpa' drops: the model trained and the model rolled "
+                         f"out would differ; load it with attn_implementation='eager' (load_causal_lm does)")
 
 
 @contextlib.contextmanager
