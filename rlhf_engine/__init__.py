@@ -13,9 +13,11 @@ def _kernels_of_a_source_tree() -> None:
 
     if importlib.util.find_spec(f"{__name__}.kernels") is not None:  # installed, or an editable install
         return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "kernels")
     init = os.path.join(folder, "__init__.py")
-    if not os.path.isfile(init):
+    # a checkout of this repository (csrc/ beside it), never site-packages' own `kernels` (another project's)
+    if not (os.path.isfile(init) and os.path.isdir(os.path.join(root, "csrc"))):
         return
     spec = importlib.util.spec_from_file_location(f"{__name__}.kernels", init, submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)

@@ -32,3 +32,17 @@ def test_the_smoke_runs_on_the_cpu():
     """The GPU smoke (bf16 SFT -> reward model -> GRPO through the trainers' API) on the CPU: its calls stay in
     step with the trainers between the rare runs on a GPU."""
     assert _load().smoke("cpu") == 0
+
+
+def test_an_uninstalled_checkout_finds_its_kernels():
+    """`make gpu-check` runs the tree with an interpreter where nothing is installed: ``rlhf_engine.kernels`` is
+    then the top-level kernels/ folder (an install maps it there). ``-S``: no site-packages, so no install helps."""
+    import subprocess
+    import sys
+
+    root = SCRIPT.parents[1]
+    code = ("import importlib.util, rlhf_engine.kernels as k; "
+            "print(k.__file__); print(importlib.util.find_spec('rlhf_engine.kernels.logprobs').origin)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(root), "PATH": ""}).stdout.split()
+    assert out == [str(root / "kernels" / "__init__.py"), str(root / "kernels" / "logprobs.py")]
