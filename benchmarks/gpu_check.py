@@ -10,8 +10,9 @@ Steps, each a row of the table (and of the JSON), the exit status 1 if any faile
 3. a bf16 SFT, reward-model and GRPO smoke on a tiny model on the GPU;
 4. the microbenchmarks' quick cases against the naive PyTorch path, and the device-to-device copy bandwidth
    of this GPU (the limit of a pass over bf16 logits) beside the token log-prob pass's achieved bandwidth.
-It uses the interpreter it runs under, creates no venv and downloads nothing. Without a GPU it says so, lists
-the steps and exits 0.
+It uses the interpreter it runs under, creates no venv and downloads nothing; the checkout runs uninstalled.
+Each step's whole output goes to ``bench_out/gpu_check_logs/`` (a test step reports all its failures, not the
+first). Without a GPU it says so, lists the steps and exits 0.
 """
 
 from __future__ import annotations
@@ -42,29 +43,39 @@ def _env(extra: dict | None) -> dict:
     return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
-def _run(name: str, cmd: list[str], env: dict | None = None, timeout: int = 300) -> dict:
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
+def _run(name: str, cmd: list[str], env: dict | None = None, timeout: int = 300, log: str | None = None) -> dict:
+    """One step; its whole output goes to ``log`` (the table keeps the tail of a failure)."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
-        ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        ok, out = proc.returncode == 0, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
-        ok, tail = False, f"timed out after {timeout} s: {err}"
+        ok, out = False, f"{_text(err.stdout)}{_text(err.stderr)}\ntimed out after {timeout} s"
+    if log is not None:
+        with open(log, "w") as f:
+            f.write(out)
     row = {"step": name, "ok": ok, "seconds": round(time.perf_counter() - t0, 1)}
     if not ok:
-        row["output"] = tail
+        row["output"] = out[-4000:]
     return row
 
 
 def plan() -> list[tuple[str, list[str], dict]]:
     py = sys.executable
+    # every failure of a step in one run (a GPU run is rare), each listed in the summary at the end of the output
+    pytest = [py, "-m", "pytest", "-q", "-rf", "--tb=short", "--maxfail=30"]
     steps = [("build _C with CUDA", [py, "setup.py", "build_ext", "--inplace"], {"RLHF_ENGINE_CUDA": "1"})]
     for backend in ("triton", "torch"):
-        steps.append((f"kernel tests, {backend}", [py, "-m", "pytest", "-q", "-x", *KERNEL_TESTS],
+        steps.append((f"kernel tests, {backend}", [*pytest, *KERNEL_TESTS],
                       {"RLHF_ENGINE_BACKEND": backend, "TRITON_INTERPRET": "0", "RLHF_ENGINE_TEST_DEVICE": "cuda"}))
-    steps.append(("cache and paged attention on cuda", [py, "-m", "pytest", "-q", "-x", *NATIVE_TESTS],
+    steps.append(("cache and paged attention on cuda", [*pytest, *NATIVE_TESTS],
                   {"TRITON_INTERPRET": "0"}))
     # the models on cuda, torch's default device left on the CPU: a tensor the engine makes without a device fails
-    steps.append(("rollout exactness on cuda", [py, "-m", "pytest", "-q", "-x", *ROLLOUT_TESTS],
+    steps.append(("rollout exactness on cuda", [*pytest, *ROLLOUT_TESTS],
                   {"TRITON_INTERPRET": "0", "RLHF_ENGINE_TEST_MODEL_DEVICE": "cuda"}))
     steps.append(("bf16 SFT / RM / GRPO smoke", [py, os.path.abspath(__file__), "--smoke"], {}))
     for script in ("bench_logprobs.py", "bench_ppo_loss.py"):
@@ -142,13 +153,16 @@ def main(argv=None) -> int:
     bench = os.path.join(ROOT, "bench_out", "gpu_bench_logprobs.json")
     if os.path.isfile(bench):
         os.remove(bench)  # a failed benchmark step must not leave an earlier run's rows to be read below
+    logs = os.path.join(os.path.dirname(os.path.abspath(args.json)), "gpu_check_logs")
+    os.makedirs(logs, exist_ok=True)
     rows = []
-    for name, cmd, env in steps:
+    for i, (name, cmd, env) in enumerate(steps):
         left = BUDGET_S - (time.perf_counter() - start)
         if left <= 0:
             rows.append({"step": name, "ok": False, "seconds": 0.0, "output": "not run: the 8-minute budget is spent"})
             continue
-        rows.append(_run(name, cmd, env, timeout=int(max(30, left))))
+        log = os.path.join(logs, f"{i:02d}-{''.join(c if c.isalnum() else '-' for c in name)}.log")
+        rows.append(_run(name, cmd, env, timeout=int(max(30, left)), log=log))
         print(f"{'ok  ' if rows[-1]['ok'] else 'FAIL'} {name} ({rows[-1]['seconds']} s)", flush=True)
     bandwidth = copy_bandwidth_gbs()
     rows.append({"step": f"D2D copy bandwidth {bandwidth:.0f} GB/s", "ok": True, "seconds": 0.0})
@@ -163,16 +177,15 @@ def main(argv=None) -> int:
                                  "seconds": 0.0})
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
                "seconds": round(time.perf_counter() - start, 1)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(summary, f, indent=1)
+    for r in rows:  # the failures' tails first: the table, last, survives a truncated log
+        if not r["ok"]:
+            print(f"\n--- {r['step']} ---\n{r.get('output', '')}")
     print("\n| step | result | s |\n|---|---|---|")
     for r in rows:
         print(f"| {r['step']} | {'ok' if r['ok'] else 'FAIL'} | {r['seconds']} |")
-    for r in rows:
-        if not r["ok"]:
-            print(f"\n--- {r['step']} ---\n{r.get('output', '')}")
-    print(f"wrote {args.json} ({summary['device']}, {summary['seconds']} s)")
+    print(f"wrote {args.json} and every step's output to {logs} ({summary['device']}, {summary['seconds']} s)")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
