@@ -11,6 +11,7 @@ import os
 import torch
 from torch import nn
 
+from rlhf_engine.models.loading import text_config
 from rlhf_engine.models.lora import has_lora, save_adapter, unwrap_peft
 from rlhf_engine.ops import linear_logprobs
 
@@ -62,7 +63,7 @@ def logit_transform(config) -> dict:
     """``{"softcap": ..., "logit_scale": ...}`` for ``linear_logprobs`` from a transformers config: final logit
     soft-capping (Gemma 2/3 ``final_logit_softcapping``) and the product of the logit scales above (1.0 and None
     for a plain ``head(hidden)``)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     scale = 1.0
     for attr, how in _LOGIT_SCALES:
         value = getattr(text, attr, None)

@@ -20,6 +20,11 @@ def _check_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"model: {path!r} has no config.json; is it a Hugging Face model directory?")
 
 
+def text_config(config):
+    """The language model's config: a composite (multimodal) config's text part, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def max_positions(model) -> int | None:
     """The longest sequence ``model`` (a causal LM, or a module holding one as ``.lm``) has positions for: its
     config's max_position_embeddings (GPT-2's n_positions); None when the config declares none."""
@@ -88,11 +93,11 @@ def _attention_kwargs(path: str) -> dict:
     """transformers' SDPA attention drops the soft-capping of attention scores (Gemma 2's
     ``attn_logit_softcapping``), yet some versions (5.17) load such a model with it: the model trained would not
     be the one its config defines, nor the one the rollout samples from (its kernels apply the cap). Those models
-    load with eager attention, which applies it (transformers 5.24 picks eager itself)."""
+    load with eager attention, which applies it (transformers 5.24 picks eager itself). NOTE: eager keeps each
+    layer's [H, T, T] attention weights for the backward: gradient_checkpointing bounds that at long T."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(AutoConfig.from_pretrained(path, local_files_only=True))
     return {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_engine import kv_cache  # noqa: F401  (loads _C: its ops are called below)
+from rlhf_engine.models.loading import text_config
 
 ATTENTION_NAME = "rlhf_engine_paged"
 # what transformers' models pass along to an attention function besides the attention's own inputs, none of which
@@ -173,10 +174,6 @@ def _register() -> None:
         _REGISTERED = True
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def check_model(model) -> None:
     """Refuses, naming what is missing, the models this path cannot run."""
     config = getattr(model, "config", None)
@@ -191,7 +188,7 @@ def check_model(model) -> None:
         raise ValueError(f"RolloutEngine: {name!r} ({type(model).__name__}) does not route its attention through "
                          f"transformers' attention interface (its _supports_attention_backend is False), so its KV "
                          f"cannot live in the block pool")
-    text = _text_config(config)
+    text = text_config(config)
     cap = getattr(text, "attn_logit_softcapping", None)
     if cap and getattr(text, "_attn_implementation", None) == "sdpa":
         raise ValueError(f"RolloutEngine: {name!r} soft-caps its attention scores (attn_logit_softcapping={cap}), "
@@ -203,7 +200,7 @@ def check_model(model) -> None:
 def running(model, step: Step):
     """Inside, ``model``'s attention layers call ``paged_attention_forward`` with ``step``."""
     _register()
-    configs = {id(c): c for c in (model.config, _text_config(model.config))}.values()
+    configs = {id(c): c for c in (model.config, text_config(model.config))}.values()
     before = [(c, c._attn_implementation) for c in configs]
     token = _STEP.set(step)
     try:
@@ -221,7 +218,7 @@ def forward(model, step: Step, input_ids: torch.Tensor, positions: torch.Tensor,
     the tokens ``rows``, soft-capping and logit scales included (the model's head)."""
     with running(model, step):
         out = model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=rows)
-    layers = getattr(_text_config(model.config), "num_hidden_layers", None)
+    layers = getattr(text_config(model.config), "num_hidden_layers", None)
     if len(set(step.calls)) != len(step.calls):
         raise ValueError(f"RolloutEngine: {type(model).__name__} called attention twice with one layer_idx (shared "
                          f"or reused layers): their KV would overwrite each other in the block pool")
