@@ -34,15 +34,25 @@ def test_the_smoke_runs_on_the_cpu():
     assert _load().smoke("cpu") == 0
 
 
-def test_an_uninstalled_checkout_finds_its_kernels():
+@pytest.mark.parametrize("where", ["nothing installed", "another checkout installed"])
+def test_an_uninstalled_checkout_finds_its_kernels(where, tmp_path):
     """`make gpu-check` runs the tree with an interpreter where nothing is installed: ``rlhf_engine.kernels`` is
-    then the top-level kernels/ folder (an install maps it there). ``-S``: no site-packages, so no install helps."""
+    then the top-level kernels/ folder (an install maps it there). ``-S``: no site-packages, so no install helps.
+    A copy of the tree run with this venv (whose editable install maps the name to this checkout) takes its own."""
+    import shutil
     import subprocess
     import sys
 
     root = SCRIPT.parents[1]
-    code = ("import importlib.util, rlhf_engine.kernels as k; "
+    flags = ["-S"]
+    if where == "another checkout installed":
+        shutil.copytree(root / "kernels", tmp_path / "kernels")
+        (tmp_path / "rlhf_engine").mkdir()
+        shutil.copy(root / "rlhf_engine" / "__init__.py", tmp_path / "rlhf_engine")
+        (tmp_path / "csrc").mkdir()
+        root, flags = tmp_path, []
+    code = ("import importlib.util, rlhf_engine, rlhf_engine.kernels as k; assert rlhf_engine.kernels is k; "
             "print(k.__file__); print(importlib.util.find_spec('rlhf_engine.kernels.logprobs').origin)")
-    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=root, capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, *flags, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(root), "PATH": ""}).stdout.split()
     assert out == [str(root / "kernels" / "__init__.py"), str(root / "kernels" / "logprobs.py")]
