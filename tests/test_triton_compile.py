@@ -1,11 +1,12 @@
-"""Every Triton kernel variant the ops launch compiles for a GPU that is not here (sm_90: H100 / H200).
+"""The Triton kernel variants a training run launches compile for a GPU that is not here (sm_90: H100 / H200).
 
 The suite runs the kernels under TRITON_INTERPRET=1, which skips what compiled Triton checks: one return type
 per function across constexpr branches, the types of loop-carried values, lowering to PTX, shared memory, ptxas.
-The ops are called here under the interpreter with the Triton backend forced; each launch is recorded as the JIT
-would see it (pointer dtypes, scalar types, constexprs, ints equal to 1 specialised, num_warps); then a fresh
-interpreter without TRITON_INTERPRET compiles every recorded variant ahead of time for the sm_90 target, to a
-cubin, with the ptxas that ships in the triton wheel. No GPU and no driver are needed.
+The ops are called here under the interpreter with the Triton backend forced, over the variants listed in
+``_launch_every_variant``; each launch is recorded as the JIT would see it (pointer dtypes, scalar types,
+constexprs, ints equal to 1 specialised, the divisibility-by-16 hints, num_warps); then a fresh interpreter
+without TRITON_INTERPRET compiles every recorded variant ahead of time for the sm_90 target, to a cubin, with the
+ptxas that ships in the triton wheel. No GPU and no driver are needed.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ def _variant(fn, args, kwargs) -> dict:
     """One launch of the @triton.jit function ``fn`` as the JIT specialises it."""
     params = inspect.signature(fn).parameters
     bound = {**dict(zip(params, args, strict=False)), **{k: v for k, v in kwargs.items() if k in params}}
-    signature, constexprs = {}, {}
+    signature, constexprs, divisible = {}, {}, []
     for name, value in bound.items():
         # (a string under `from __future__ import annotations`)
         if "constexpr" in str(params[name].annotation) or value is None:
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name] = _POINTER[value.dtype]
+            if value.data_ptr() % 16 == 0:  # the JIT's divisibility hint (it vectorises the loads)
+                divisible.append(name)
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -45,12 +48,14 @@ def _variant(fn, args, kwargs) -> dict:
                 signature[name], constexprs[name] = "constexpr", 1
             else:
                 signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    divisible.append(name)
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__} is not handled here")
     return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "num_warps": kwargs.get("num_warps", 4)}
+            "divisible": divisible, "num_warps": kwargs.get("num_warps", 4)}
 
 
 def _launch_every_variant():
@@ -66,6 +71,8 @@ def _launch_every_variant():
                     targets = torch.tensor([0, -100, v - 1])
                     out = token_logprobs(logits, targets, return_entropy=entropy, softcap=softcap)
                     (sum(out) if entropy else out).sum().backward()
+    one = torch.randn(1, 5000, dtype=torch.bfloat16, requires_grad=True)  # one row: n_rows specialised to 1
+    token_logprobs(one, torch.tensor([7])).sum().backward()
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(301, 8, requires_grad=True)
     linear_logprobs(hidden, weight, torch.randint(0, 301, (5,)), return_entropy=True)[0].sum().backward()
     for t in (37, 1100):  # one T tile, and more than one (BLOCK_T is at most 1024)
@@ -80,6 +87,10 @@ def _launch_every_variant():
                         loss.backward()
         ppo_policy_loss(logp, old, adv, mask, dual_clip=3.0)[0].backward()
         gae(torch.randn(2, t), torch.randn(2, t), mask)
+    for shape in ((1, 1), (1, 37)):  # one sequence, one token: the counts specialised to 1
+        logp = torch.randn(*shape, requires_grad=True)
+        ppo_policy_loss(logp, torch.randn(shape), torch.randn(shape), torch.ones(shape, dtype=torch.bool))[0].backward()
+        gae(torch.randn(shape), torch.randn(shape), torch.ones(shape))
 
 
 _COMPILE = r"""
@@ -94,7 +105,8 @@ failed = []
 for v in json.loads(sys.stdin.read()):
     fn = getattr(importlib.import_module(v["module"]), v["name"])
     try:
-        src = ASTSource(fn=fn, signature=v["signature"], constexprs=v["constexprs"])
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in v["divisible"]}
+        src = ASTSource(fn=fn, signature=v["signature"], constexprs=v["constexprs"], attrs=attrs)
         kernel = triton.compile(src, target=target, options={"num_warps": v["num_warps"]})
         assert kernel.asm.get("cubin"), "no cubin"
     except Exception as err:
