@@ -43,24 +43,21 @@ def _env(extra: dict | None) -> dict:
     return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
-def _text(out) -> str:
-    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
-
-
-def _run(name: str, cmd: list[str], env: dict | None = None, timeout: int = 300, log: str | None = None) -> dict:
-    """One step; its whole output goes to ``log`` (the table keeps the tail of a failure)."""
+def _run(name: str, cmd: list[str], env: dict | None, timeout: int, log: str) -> dict:
+    """One step, its output streamed into ``log`` (kept if the machine goes away mid-step); the table's row keeps
+    the tail of a failure."""
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
-        ok, out = proc.returncode == 0, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as err:
-        ok, out = False, f"{_text(err.stdout)}{_text(err.stderr)}\ntimed out after {timeout} s"
-    if log is not None:
-        with open(log, "w") as f:
-            f.write(out)
+    with open(log, "w") as f:
+        try:
+            ok = subprocess.run(cmd, cwd=ROOT, env=_env(env), stdout=f, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+            f.write(f"\ntimed out after {timeout} s\n")
     row = {"step": name, "ok": ok, "seconds": round(time.perf_counter() - t0, 1)}
     if not ok:
-        row["output"] = out[-4000:]
+        with open(log, errors="replace") as f:
+            row["output"] = f.read()[-4000:]
     return row
 
 
