@@ -1,17 +1,14 @@
 """The rollout engine against Hugging Face generate and a teacher-forced forward of the training model. The models
 are on RLHF_ENGINE_TEST_MODEL_DEVICE (`make gpu-check`: cuda; the CPU otherwise)."""
 
-import os
-
 import pytest
 import torch
+from rollout_reference import DEVICE, assert_logprobs_are_teacher_forced, hf_greedy, random_prompts
 
 from rlhf_engine.models import load_causal_lm
-from rlhf_engine.ops import token_logprobs
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
 
 VOCAB = 97
-DEVICE = os.environ.get("RLHF_ENGINE_TEST_MODEL_DEVICE", "cpu")
 
 
 def tiny_config(kind: str):
@@ -45,16 +42,7 @@ def model(request, tmp_path_factory):
 
 
 def ragged_prompts(seed=0, lengths=(5, 17, 1, 33)):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompt, new_tokens):
-    # an explicit attention mask: without it HF infers one from pad_token_id and masks prompt tokens equal to it
-    ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+    return random_prompts(VOCAB, seed, lengths)
 
 
 def test_greedy_equals_hf_generate(model):
@@ -74,10 +62,7 @@ def test_logprobs_equal_teacher_forced_forward(model):
     params = SamplingParams(n=3, temperature=0.8, top_k=20, max_new_tokens=9, seed=7)
     for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):
         for sample in out.samples:
-            ids = torch.tensor([prompt + sample.token_ids], device=model.device)
-            logits = model(ids).logits[0, len(prompt) - 1 : -1]
-            expected = token_logprobs(logits, ids[0, len(prompt) :], temperature=0.8)
-            torch.testing.assert_close(torch.tensor(sample.logprobs), expected.cpu(), atol=1e-4, rtol=0)
+            assert_logprobs_are_teacher_forced(model, prompt, sample, 0.8)
 
 
 def test_n_samples_share_one_prefill_and_are_reproducible(model):

@@ -3,16 +3,13 @@ HF ``generate``, sampled log-probs equal a teacher-forced forward, one prefill s
 prompts prefilled in one forward. Tiny random configs built locally (nothing downloaded), the models on
 RLHF_ENGINE_TEST_MODEL_DEVICE (`make gpu-check`: cuda; the CPU otherwise)."""
 
-import os
-
 import pytest
 import torch
+from rollout_reference import DEVICE, assert_logprobs_are_teacher_forced, hf_greedy, random_prompts
 
-from rlhf_engine.ops import token_logprobs
 from rlhf_engine.rollout import RolloutEngine, SamplingParams
 
 VOCAB = 97
-DEVICE = os.environ.get("RLHF_ENGINE_TEST_MODEL_DEVICE", "cpu")
 # every config: 2 layers, hidden 32, 4 heads of 8 (2 KV heads where the architecture has GQA); initializer_range
 # 0.2 (10x the default) spreads the logits, so that greedy decoding has no near-ties that two correct summation
 # orders could break differently
@@ -65,16 +62,7 @@ def model(request, tmp_path_factory):
 
 
 def prompts(seed=0, lengths=(5, 17, 1, 33)):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompt, new_tokens):
-    ids = torch.tensor([prompt], device=model.device)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+    return random_prompts(VOCAB, seed, lengths, low=1)  # no 0: the pad / eos id of these configs
 
 
 def test_greedy_equals_hf_generate(model):
@@ -96,11 +84,7 @@ def test_sampled_logprobs_equal_a_teacher_forced_forward(model):
     assert engine.stats["prefill_tokens"] + engine.stats["reused_prefix_tokens"] == sum(map(len, batch))
     for prompt, out in zip(batch, outputs, strict=True):
         for sample in out.samples:
-            ids = torch.tensor([prompt + sample.token_ids], device=model.device)
-            with torch.no_grad():
-                logits = model(ids).logits[0, len(prompt) - 1 : -1]
-            expected = token_logprobs(logits, ids[0, len(prompt) :], temperature=0.8)
-            torch.testing.assert_close(torch.tensor(sample.logprobs), expected.cpu(), atol=1e-4, rtol=0)
+            assert_logprobs_are_teacher_forced(model, prompt, sample, 0.8)
 
 
 def test_a_shared_prefix_is_reused_within_one_prefill(model):
