@@ -5,8 +5,9 @@ blocks scattered over the cache (a random permutation, as after a while of conti
   naive   gather the blocks into dense K/V (key_cache[block_tables]), then F.scaled_dot_product_attention with
           enable_gqa (what a model without a paged kernel does every step)
   ours    rlhf_engine.kv_cache.paged_attention (the _C CPU kernel; CUDA where built)
-Each (shape, provider) runs in its own subprocess; time is the median of --repeat calls; peak MiB is the growth of
-the process's peak RSS over one call (the caches already exist); K/V GB/s = K and V bytes attended / time.
+Each (shape, provider) runs in its own subprocess; time is the median of --repeat calls; peak MiB is what one call
+adds over the caches (on CPU the growth of the process's peak RSS, on CUDA the allocator's peak); K/V GB/s = K and
+V bytes attended / time.
 
 (b) A GRPO-style rollout batch: 32 prompts that share a 96-token instruction template followed by a 24..400-token
 question, n samples each, through a BlockPool (block_size 16):
@@ -17,7 +18,7 @@ question, n samples each, through a BlockPool (block_size 16):
 Tokens computed are the prefill tokens the model must run (len - allocate_prompt's cached count, 0 for a fork);
 blocks held are the KV blocks the batch occupies once prefilled.
 
-    python benchmarks/bench_kv_cache.py [--quick] [--json PATH] [--repeat N] [--device cpu|cuda]
+    python benchmarks/bench_kv_cache.py [--quick | --floor] [--json PATH] [--repeat N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from _harness import parse_args, peak_rss_bytes, print_table, rss_bytes, run_wor
 BATCHES, CONTEXTS = (8, 32, 64), (256, 1024, 4096)
 HEAD_CONFIGS = ((4, 128), (8, 64))
 QUICK_BATCHES, QUICK_CONTEXTS, QUICK_HEAD_CONFIGS = (8, 32), (256, 1024), ((4, 128),)
+FLOOR_BATCHES, FLOOR_CONTEXTS, FLOOR_HEAD_CONFIGS = (32,), (1024,), ((4, 128),)
 NUM_HEADS, BLOCK_SIZE = 16, 16
 PROVIDERS = ("naive", "ours")
 DECODE_FIELDS = [("ms", "ms"), ("gb_per_s", "K/V GB/s"), ("peak_mib", "peak MiB")]
@@ -77,12 +79,19 @@ def decode_worker(
         if device == "cuda":
             torch.cuda.synchronize()
 
-    # Peak memory of one step over the inputs (this process does nothing else), then timed steps.
+    # Peak memory of one step over the inputs: on CUDA the allocator's peak, on CPU the growth of the process's
+    # peak RSS (this process does nothing else); then timed steps.
     sync()
-    base = rss_bytes()
-    step()
-    sync()
-    peak = max(peak_rss_bytes() - base, 0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = rss_bytes()
+        step()
+        peak = max(peak_rss_bytes() - base, 0)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -148,8 +157,12 @@ def prefix_rows(samples: int) -> list[dict]:
     return rows
 
 
+def _options(parser):
+    parser.add_argument("--floor", action="store_true", help="decode attention on the floor case of issue 4 only")
+
+
 def main(argv=None):
-    args = parse_args(__doc__, argv, decode_worker)
+    args = parse_args(__doc__, argv, decode_worker, add_options=_options)
     if args is None:
         return 0
     import torch
@@ -157,7 +170,9 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeat = args.repeat or (5 if args.quick else 10)
     batches, contexts, configs = (
-        (QUICK_BATCHES, QUICK_CONTEXTS, QUICK_HEAD_CONFIGS) if args.quick else (BATCHES, CONTEXTS, HEAD_CONFIGS)
+        (FLOOR_BATCHES, FLOOR_CONTEXTS, FLOOR_HEAD_CONFIGS) if args.floor
+        else (QUICK_BATCHES, QUICK_CONTEXTS, QUICK_HEAD_CONFIGS) if args.quick
+        else (BATCHES, CONTEXTS, HEAD_CONFIGS)
     )
     decode = []
     for kv_heads, head_dim in configs:

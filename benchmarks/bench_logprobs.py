@@ -14,6 +14,7 @@ forward+backward passes (forward alone is timed too; backward = full - forward).
     python benchmarks/bench_logprobs.py --quick         # small shapes, a few seconds
     python benchmarks/bench_logprobs.py --json out.json # also write the rows
     python benchmarks/bench_logprobs.py --floor --rounds 5   # the floor case, naive/ours alternated 5 times
+    python benchmarks/bench_logprobs.py --case token,16384,0,151936,bfloat16   # named cases only (repeatable)
 
 With --rounds K each case runs K times per provider, alternating naive and ours (on a shared machine the load
 then falls on both alike); the table shows the medians over rounds, and each round's time ratio is listed.
@@ -21,6 +22,7 @@ then falls on both alike); the table shows the medians over rounds, and each rou
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -102,6 +104,23 @@ def run_case(case, provider, repeat, device):
 def _add_options(parser) -> None:
     parser.add_argument("--floor", action="store_true", help="only the floor case of issue 2")
     parser.add_argument("--rounds", type=int, default=1, help="runs per case and provider, alternated (median)")
+    parser.add_argument("--case", action="append", default=[], type=_parse_case, metavar="OP,N,H,V,DTYPE",
+                        help="run this case (repeatable; with --floor, after the floor case), e.g. linear,8192,512,"
+                             "32000,float32 or token,16384,0,151936,bfloat16 (H is 0 for token)")
+
+
+def _parse_case(text: str) -> tuple:
+    parts = text.split(",")
+    if len(parts) != 5 or parts[0] not in ("linear", "token") or parts[4] not in ("float32", "bfloat16", "float16"):
+        raise argparse.ArgumentTypeError(f"expected OP,N,H,V,DTYPE with OP linear|token and DTYPE float32|bfloat16|"
+                                         f"float16, found {text!r}")
+    try:
+        n, h, v = (int(x) for x in parts[1:4])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"N, H and V must be integers, found {text!r}") from None
+    if n < 1 or v < 2 or (parts[0] == "linear") != (h > 0):
+        raise argparse.ArgumentTypeError(f"need N >= 1, V >= 2, H > 0 for linear and H = 0 for token, found {text!r}")
+    return (parts[0], n, h, v, parts[4])
 
 
 def _case(row: dict) -> tuple:
@@ -129,7 +148,8 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeat = args.repeat or (3 if args.quick else 5)
     cases = QUICK_CASES if args.quick else DEFAULT_CASES + (CUDA_CASES if device == "cuda" else [])
-    cases = [FLOOR_CASE] if args.floor else cases
+    if args.floor or args.case:
+        cases = ([FLOOR_CASE] if args.floor else []) + args.case
     runs = []
     for case in cases:
         for round_ in range(args.rounds):

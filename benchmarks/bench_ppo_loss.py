@@ -13,7 +13,8 @@ Each (policy, shape, provider) runs in its own subprocess. ``extra fp32`` is the
 the gradient, in units of one [B, T] fp32 tensor. Aggregation: each kind's default (token-mean for ppo and cispo,
 seq-mean-token-mean for gspo and sapo), the same in both providers.
 
-    python benchmarks/bench_ppo_loss.py [--quick] [--policies ppo,gspo] [--json PATH] [--repeat N] [--device cpu|cuda]
+    python benchmarks/bench_ppo_loss.py [--quick] [--policies ppo,gspo] [--providers naive,ours] [--json PATH]
+                                        [--repeat N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -122,6 +123,15 @@ def worker(policy: str, b: int, t: int, provider: str, repeat: int, device: str)
 
 def _options(parser):
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy losses to measure")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated providers to measure")
+
+
+def _choices(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown or not chosen:
+        raise SystemExit(f"{option}: unknown {unknown or 'none given'}; choose among {list(allowed)}")
+    return chosen
 
 
 def main(argv=None):
@@ -132,14 +142,12 @@ def main(argv=None):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeat = args.repeat or (5 if args.quick else 20)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = sorted(set(policies) - set(POLICIES))
-    if unknown:
-        raise SystemExit(f"--policies: unknown {unknown}; choose among {list(POLICIES)}")
+    policies = _choices("--policies", args.policies, POLICIES)
+    providers = _choices("--providers", args.providers, PROVIDERS)
     rows = []
     for policy in policies:
         for b, t in QUICK_SHAPES if args.quick else DEFAULT_SHAPES:
-            for provider in PROVIDERS:
+            for provider in providers:
                 rows.append(run_worker(__file__, [policy, b, t, provider, repeat, device]))
                 print(f"  done {policy} {b}x{t} {provider}", file=sys.stderr, flush=True)
     print(f"device={device} threads={rows[0]['threads']} repeat={repeat} (median); peak = extra over inputs")

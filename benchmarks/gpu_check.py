@@ -8,8 +8,10 @@ Steps, each a row of the table (and of the JSON), the exit status 1 if any faile
    tests' tensors made on ``cuda`` through ``RLHF_ENGINE_TEST_DEVICE``), the cache / paged-attention tests on
    ``cuda``, and the rollout exactness tests with their models on ``cuda`` (``RLHF_ENGINE_TEST_MODEL_DEVICE``);
 3. a bf16 SFT, reward-model and GRPO smoke on a tiny model on the GPU;
-4. the microbenchmarks' quick cases against the naive PyTorch path, and the device-to-device copy bandwidth
-   of this GPU (the limit of a pass over bf16 logits) beside the token log-prob pass's achieved bandwidth.
+4. each microbenchmark's floor case against the naive PyTorch path (time and peak memory: a row each, with the
+   floor beside the figure; a floor not met is reported, not counted as a failure: this run proves correctness),
+   and the device-to-device copy bandwidth of this GPU (the limit of a pass over bf16 logits) beside what a
+   token log-prob pass over 16384 x 151936 bf16 logits achieves.
 It uses the interpreter it runs under, creates no venv and downloads nothing; the checkout runs uninstalled.
 Each step's whole output goes to ``bench_out/gpu_check_logs/`` (a test step reports all its failures, not the
 first). Without a GPU it says so, lists the steps and exits 0.
@@ -33,6 +35,11 @@ KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "test
                 "tests/test_advantages.py::test_gae_more_rows_than_programs"]
 NATIVE_TESTS = ["tests/test_cache_ops.py", "tests/test_paged_attention.py"]
 ROLLOUT_TESTS = ["tests/test_rollout.py", "tests/test_rollout_architectures.py"]
+BANDWIDTH_CASE = "token,16384,0,151936,bfloat16"  # 4.7 GiB of bf16 logits: a pass long enough to be read-bound
+# (script, its options): each microbenchmark on its floor cases, its rows into bench_out/gpu_<script>.json
+BENCHMARKS = [("bench_logprobs.py", ["--floor", "--case", BANDWIDTH_CASE]),  # the issue-2 floor + the bandwidth
+              ("bench_ppo_loss.py", ["--providers", "naive,ours"]),  # its default shapes are issue 15's floors
+              ("bench_kv_cache.py", ["--floor"])]  # issue 4's floor: batch 32, context 1024
 BUDGET_S = 8 * 60
 
 
@@ -75,10 +82,76 @@ def plan() -> list[tuple[str, list[str], dict]]:
     steps.append(("rollout exactness on cuda", [*pytest, *ROLLOUT_TESTS],
                   {"TRITON_INTERPRET": "0", "RLHF_ENGINE_TEST_MODEL_DEVICE": "cuda"}))
     steps.append(("bf16 SFT / RM / GRPO smoke", [py, os.path.abspath(__file__), "--smoke"], {}))
-    for script in ("bench_logprobs.py", "bench_ppo_loss.py"):
-        steps.append((f"{script} --quick", [py, f"benchmarks/{script}", "--quick", "--device", "cuda", "--json",
-                                            f"bench_out/gpu_{script[:-3]}.json"], {"TRITON_INTERPRET": "0"}))
+    for script, options in BENCHMARKS:
+        steps.append((" ".join([script, *options]), [py, f"benchmarks/{script}", *options, "--device", "cuda",
+                                                     "--json", _bench_json(script)], {"TRITON_INTERPRET": "0"}))
     return steps
+
+
+def _bench_json(script: str) -> str:
+    return os.path.join("bench_out", f"gpu_{script[:-3]}.json")
+
+
+def _ratios(rows: list[dict], key: tuple[str, ...], time_field: str) -> dict[tuple, dict]:
+    """Per case (the ``key`` fields): ours' time and peak memory as multiples of the naive row of the same case."""
+    naive = {tuple(r[k] for k in key): r for r in rows if r["provider"] == "naive"}
+    out = {}
+    for r in rows:
+        base = naive.get(tuple(r[k] for k in key))
+        if r["provider"] == "ours" and base and base[time_field] > 0:
+            out[tuple(r[k] for k in key)] = {
+                "time": r[time_field] / base[time_field],
+                "memory": r["peak_mib"] / base["peak_mib"] if base["peak_mib"] > 0 else float("nan"),
+                "row": r}
+    return out
+
+
+def _verdict(value: float, floor: float) -> str:
+    return f"{value:.2f}x (floor {floor}x: {'met' if value <= floor else 'NOT met'})"
+
+
+def benchmark_rows(bench_dir: str, copy_gbs: float | None) -> list[dict]:
+    """The table's rows of measured figures, read from the benchmarks' JSON files: each floor case's time and
+    memory against naive PyTorch, and the log-prob pass's bandwidth against ``copy_gbs`` (None: not measured).
+    A missing file or case gives no row (its benchmark's step has already failed)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_logprobs import FLOOR_CASE
+
+    def load(script):
+        path = os.path.join(bench_dir, os.path.basename(_bench_json(script)))
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return json.load(f)
+
+    def row(text):
+        return {"step": text, "ok": True, "seconds": 0.0}
+
+    rows = [] if copy_gbs is None else [row(f"D2D copy bandwidth {copy_gbs:.0f} GB/s")]
+    logprobs = load("bench_logprobs.py")
+    for case, r in _ratios(logprobs, ("op", "N", "H", "V", "dtype"), "full_ms").items():
+        if case == FLOOR_CASE:  # issue 2: time at most 1.3x naive, peak memory at most 1/8 of it
+            rows.append(row(f"linear_logprobs {'x'.join(map(str, case[1:4]))} {case[4]} fwd+bwd: time "
+                            f"{_verdict(r['time'], 1.3)}, peak memory {_verdict(r['memory'], 0.125)} of naive"))
+    for r in logprobs:
+        if r["op"] == "token" and r["provider"] == "ours" and r["forward_ms"] > 0:
+            itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[r["dtype"]]
+            achieved = r["N"] * r["V"] * itemsize / (r["forward_ms"] / 1e3) / 1e9
+            share = "" if copy_gbs is None else f" ({achieved / copy_gbs:.2f} of the copy rate)"
+            rows.append(row(f"token_logprobs {r['N']}x{r['V']} {r['dtype']} forward: {achieved:.0f} GB/s read{share}"))
+    ppo = _ratios(load("bench_ppo_loss.py"), ("policy", "B", "T"), "full_ms")
+    for shape in sorted({case[1:] for case in ppo}):  # issue 15: each policy loss at most 0.5x naive's time
+        worst = max((case for case in ppo if case[1:] == shape), key=lambda case: ppo[case]["time"])
+        extra = max(ppo[case]["row"]["extra_fp32"] for case in ppo if case[1:] == shape)
+        rows.append(row(f"ppo_policy_loss {shape[0]}x{shape[1]} fwd+bwd, slowest kind ({worst[0]}): time "
+                        f"{_verdict(ppo[worst]['time'], 0.5)} of naive; most extra memory {extra:.2f} fp32 "
+                        f"[B, T] tensors (floor 2)"))
+    decode = [r for r in load("bench_kv_cache.py") if r["bench"] == "decode"]  # (its prefix rows count tokens)
+    for case, r in _ratios(decode, ("kv_heads", "head_dim", "batch", "context"), "ms").items():
+        if case[2:] == (32, 1024):  # issue 4: at least as fast as gather + SDPA at batch 32, context 1024
+            rows.append(row(f"paged decode attention batch 32, context 1024, kv_heads {case[0]}, head_dim {case[1]}:"
+                            f" time {_verdict(r['time'], 1.0)} of gather + SDPA, {r['row']['gb_per_s']:.0f} GB/s"))
+    return rows
 
 
 def smoke(device: str = "cuda") -> int:
@@ -147,9 +220,10 @@ def main(argv=None) -> int:
             print(f"  - {name}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}".rstrip())
         return 0
     start = time.perf_counter()
-    bench = os.path.join(ROOT, "bench_out", "gpu_bench_logprobs.json")
-    if os.path.isfile(bench):
-        os.remove(bench)  # a failed benchmark step must not leave an earlier run's rows to be read below
+    for script, _ in BENCHMARKS:  # a failed benchmark step must not leave an earlier run's rows to be read below
+        stale = os.path.join(ROOT, _bench_json(script))
+        if os.path.isfile(stale):
+            os.remove(stale)
     logs = os.path.join(os.path.dirname(os.path.abspath(args.json)), "gpu_check_logs")
     os.makedirs(logs, exist_ok=True)
     rows = []
@@ -161,17 +235,13 @@ def main(argv=None) -> int:
         log = os.path.join(logs, f"{i:02d}-{''.join(c if c.isalnum() else '-' for c in name)}.log")
         rows.append(_run(name, cmd, env, timeout=int(max(30, left)), log=log))
         print(f"{'ok  ' if rows[-1]['ok'] else 'FAIL'} {name} ({rows[-1]['seconds']} s)", flush=True)
-    bandwidth = copy_bandwidth_gbs()
-    rows.append({"step": f"D2D copy bandwidth {bandwidth:.0f} GB/s", "ok": True, "seconds": 0.0})
-    if os.path.isfile(bench):
-        with open(bench) as f:
-            for r in json.load(f):
-                if r.get("op") == "token" and r.get("provider") == "ours" and r.get("forward_ms"):
-                    itemsize = torch.empty(0, dtype=getattr(torch, r["dtype"])).element_size()  # "bfloat16"...
-                    achieved = r["N"] * r["V"] * itemsize / (r["forward_ms"] / 1e3) / 1e9
-                    rows.append({"step": f"token_logprobs {r['N']}x{r['V']} {r['dtype']} forward: {achieved:.0f} GB/s "
-                                         f"read ({achieved / bandwidth:.2f} of the copy rate)", "ok": True,
-                                 "seconds": 0.0})
+    try:
+        copy_gbs = copy_bandwidth_gbs()
+    except Exception as err:  # a failed row: the table and the JSON still come out
+        rows.append({"step": "D2D copy bandwidth", "ok": False, "seconds": 0.0,
+                     "output": f"{type(err).__name__}: {err}"})
+        copy_gbs = None
+    rows += benchmark_rows(os.path.join(ROOT, "bench_out"), copy_gbs)
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
                "seconds": round(time.perf_counter() - start, 1)}
     with open(args.json, "w") as f:
