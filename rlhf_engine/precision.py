@@ -11,11 +11,13 @@
   are already in ``param_dtype``; otherwise ``RolloutWeights`` keeps a compute-dtype shadow of the policy,
   refreshed (one cast-copy) only when the master weights changed, i.e. at most once per optimizer step. Its cost
   is 2 bytes a parameter beside the 16 of fp32 weights + gradients + AdamW state.
-- ``tf32`` (default on): fp32 matmuls on CUDA GPUs use TF32 tensor cores (``torch.set_float32_matmul_precision``).
+- ``tf32`` (default on): fp32 matmuls on CUDA GPUs use TF32 tensor cores (``torch.set_float32_matmul_precision``)
+  while a trainer runs (``Trainer.fit``, ``PPOTrainer.train``; the CLI sets it for its whole process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -36,11 +38,28 @@ def autocast(precision: str, device: torch.device):
 
 
 def set_tf32(device: torch.device, enabled: bool) -> None:
-    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer; ignored by older GPUs)."""
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer; ignored by older GPUs), for the process."""
     if device.type != "cuda":
         return
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+@contextlib.contextmanager
+def tf32(device: torch.device, enabled: bool):
+    """``set_tf32`` while the block runs, the caller's settings restored after it: a trainer called from another
+    program's process leaves that program's choice as it found it. torch's settings are process-wide, so other
+    threads see them meanwhile. A no-op off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    set_tf32(device, enabled)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def fsdp_mixed_precision(precision: str):

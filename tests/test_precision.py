@@ -98,3 +98,57 @@ def test_grpo_in_bf16_trains_fp32_masters_against_a_bf16_reference(model_dir):
     # the shadow follows the masters: after the last update it equals them, rounded to bf16
     trainer.rollout_weights.refresh()
     assert torch.equal(trainer.rollout_weights.model.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_holds_while_the_block_runs_and_the_callers_setting_returns(enabled):
+    """torch's TF32 flags are process-wide (settable without a GPU): a run sets them on CUDA, restores what it
+    found (an exception included), and leaves them alone on the CPU."""
+    from rlhf_engine.precision import tf32
+
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    caller = ("medium", not enabled)  # a host program's own choice, unlike either setting of ours
+    try:
+        torch.set_float32_matmul_precision(caller[0])
+        torch.backends.cudnn.allow_tf32 = caller[1]
+        with pytest.raises(KeyError), tf32(torch.device("cuda"), enabled):
+            assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+            assert torch.backends.cudnn.allow_tf32 is enabled
+            raise KeyError("a failing run")
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == caller
+        with tf32(torch.device("cpu"), enabled):
+            assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == caller
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_the_trainers_run_under_their_tf32_setting(model_dir, monkeypatch):
+    """Trainer.fit (SFT, RM, DPO) and PPOTrainer.train run inside ``tf32(device, config.tf32)``: the Python API
+    honours the key as the CLI does."""
+    import contextlib
+
+    from rlhf_engine.trainers import common
+
+    scopes, inside = [], []
+
+    @contextlib.contextmanager
+    def spy(device, enabled):
+        scopes.append((device.type, enabled))
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    monkeypatch.setattr(common, "tf32", spy)
+    path, tokenizer = model_dir
+    records = [SFTRecord(task.format_prompt(e.prompt), e.response) for e in task.make_sft_examples(4, 5)]
+    steps = []
+    train_sft(load_causal_lm(path), tokenizer, records, SFTConfig(steps=1, batch_size=2, max_length=64, tf32=False),
+              progress=False, on_step=lambda row: steps.append(inside[-1]))
+    trainer = PPOTrainer(load_causal_lm(path), tokenizer,
+                         PPOConfig(algorithm="grpo", iterations=1, prompts_per_iteration=2, n_samples=2,
+                                   max_new_tokens=4, minibatch_size=4),
+                         reward_fn=lambda p, r: [float(len(x)) for x in r])
+    trainer.train([task.format_prompt(p) for p in task.make_prompts(2, seed=0)], progress=False,
+                  on_step=lambda row: steps.append(inside[-1]))
+    assert scopes == [("cpu", False), ("cpu", True)] and steps == [True, True] and inside[-1] is False

@@ -10,6 +10,7 @@ that of the mean over every token (or pair) of the window, never a mean of micro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -25,7 +26,7 @@ from rlhf_engine.data.readers import KEY_FIELDS
 from rlhf_engine.distributed import STRATEGIES, DistInfo, SavesState, full_state, load_optimizer_state, wrap
 from rlhf_engine.metrics import METRICS_FILE, MetricsLogger
 from rlhf_engine.models.loading import enable_gradient_checkpointing, max_positions, prepare_lora
-from rlhf_engine.precision import LossScaler, autocast, check_precision, fsdp_mixed_precision
+from rlhf_engine.precision import LossScaler, autocast, check_precision, fsdp_mixed_precision, tf32
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -58,7 +59,8 @@ class RunConfig:
     seed: int = option(0, "seed of the data order, initialisation and sampling")
     precision: str = option("fp32", "fp32 | bf16 | fp16: forward and backward in that dtype, fp32 master weights, "
                                      "gradients and optimizer state; fp16 adds dynamic loss scaling")
-    tf32: bool = option(True, "TF32 tensor cores for fp32 matmuls on CUDA GPUs that have them")
+    tf32: bool = option(True, "TF32 tensor cores for fp32 matmuls on CUDA GPUs that have them, while the run "
+                              "trains (the caller's setting restored after it)")
     device: str = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
     save_total_limit: int = option(2, "complete checkpoints kept (oldest removed first)")
@@ -208,6 +210,18 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
     return None
 
 
+def with_config_tf32(run):
+    """A trainer's run method, under its ``config.tf32`` on its ``device`` (``precision.tf32``: the caller's
+    setting restored afterwards)."""
+
+    @functools.wraps(run)
+    def wrapped(self, *args, **kwargs):
+        with tf32(self.device, self.config.tf32):
+            return run(self, *args, **kwargs)
+
+    return wrapped
+
+
 def open_metrics(config: RunConfig, dist: DistInfo, resume_step: int | None) -> MetricsLogger | None:
     """The run's metrics.jsonl (cut back to ``resume_step`` when resuming); rank 0 only, None without output_dir."""
     if not config.output_dir or not dist.is_main:
@@ -288,6 +302,7 @@ class Trainer:
     def autocast(self):
         return autocast(self.config.precision, self.device)
 
+    @with_config_tf32
     def fit(self, sample, collate, loss_fn, weight_fn, *, evaluate=None, resume_from: str | None = None,
             on_step=None, weight_name: str = "examples") -> list[dict]:
         """Runs to ``config.steps``; returns the metrics rows (those of this process, after any resume).

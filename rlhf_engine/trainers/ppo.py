@@ -40,7 +40,7 @@ from rlhf_engine.ops import (
 from rlhf_engine.precision import LossScaler, RolloutWeights, frozen_copy, fsdp_mixed_precision
 from rlhf_engine.rewards.scoring import RewardScorer
 from rlhf_engine.rollout import RolloutEngine
-from rlhf_engine.trainers.common import RunConfig, open_metrics, option
+from rlhf_engine.trainers.common import RunConfig, open_metrics, option, with_config_tf32
 from rlhf_engine.trainers.experience import ROLLOUT_CORRECTIONS, ExperienceMaker, rollout_correction
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce++", "remax")
@@ -444,6 +444,7 @@ class PPOTrainer(ExperienceMaker):
         self.dist.barrier()
         return path
 
+    @with_config_tf32
     def train(self, prompts: list[str], *, progress: bool = True, on_step=None,
               resume_from: str | None = None) -> list[dict]:
         """Runs to ``config.iterations``; with ``config.output_dir`` writes metrics.jsonl and checkpoints there.
