@@ -7,7 +7,8 @@ Steps, each a row of the table (and of the JSON), the exit status 1 if any faile
 2. the kernel tests with each backend forced (``RLHF_ENGINE_BACKEND=triton|torch``, ``TRITON_INTERPRET=0``, the
    tests' tensors made on ``cuda`` through ``RLHF_ENGINE_TEST_DEVICE``), the cache / paged-attention tests on
    ``cuda``, and the rollout exactness tests with their models on ``cuda`` (``RLHF_ENGINE_TEST_MODEL_DEVICE``);
-3. a bf16 SFT, reward-model and GRPO smoke on a tiny model on the GPU;
+3. the RL trainers' reward-rises test on cuda (ppo, grpo, rloo, reinforce++, remax; fp32), and a bf16 smoke on a
+   tiny model on the GPU: SFT, reward model, GRPO, then DPO and PPO with LoRA adapters;
 4. each microbenchmark's floor case against the naive PyTorch path (time and peak memory: a row each, with the
    floor beside the figure; a floor not met is reported, not counted as a failure: this run proves correctness),
    and the device-to-device copy bandwidth of this GPU (the limit of a pass over bf16 logits) beside what a
@@ -35,6 +36,7 @@ KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "test
                 "tests/test_advantages.py::test_gae_more_rows_than_programs"]
 NATIVE_TESTS = ["tests/test_cache_ops.py", "tests/test_paged_attention.py"]
 ROLLOUT_TESTS = ["tests/test_rollout.py", "tests/test_rollout_architectures.py"]
+TRAINER_TESTS = ["tests/test_ppo_trainer.py::test_reward_rises"]  # ppo (critic + GAE), grpo, rloo, reinforce++, remax
 BANDWIDTH_CASE = "token,16384,0,151936,bfloat16"  # 4.7 GiB of bf16 logits: a pass long enough to be read-bound
 # (script, its options): each microbenchmark on its floor cases, its rows into bench_out/gpu_<script>.json
 BENCHMARKS = [("bench_logprobs.py", ["--floor", "--case", BANDWIDTH_CASE]),  # the issue-2 floor + the bandwidth
@@ -81,7 +83,9 @@ def plan() -> list[tuple[str, list[str], dict]]:
     # the models on cuda, torch's default device left on the CPU: a tensor the engine makes without a device fails
     steps.append(("rollout exactness on cuda", [*pytest, *ROLLOUT_TESTS],
                   {"TRITON_INTERPRET": "0", "RLHF_ENGINE_TEST_MODEL_DEVICE": "cuda"}))
-    steps.append(("bf16 SFT / RM / GRPO smoke", [py, os.path.abspath(__file__), "--smoke"], {}))
+    steps.append(("the reward rises on cuda, 5 RL algorithms", [*pytest, *TRAINER_TESTS],
+                  {"TRITON_INTERPRET": "0", "RLHF_ENGINE_TEST_MODEL_DEVICE": "cuda"}))
+    steps.append(("bf16 smoke: SFT, RM, GRPO, DPO + LoRA, PPO + LoRA", [py, os.path.abspath(__file__), "--smoke"], {}))
     for script, options in BENCHMARKS:
         steps.append((" ".join([script, *options]), [py, f"benchmarks/{script}", *options, "--device", "cuda",
                                                      "--json", _bench_json(script)], {"TRITON_INTERPRET": "0"}))
@@ -155,7 +159,8 @@ def benchmark_rows(bench_dir: str, copy_gbs: float | None) -> list[dict]:
 
 
 def smoke(device: str = "cuda") -> int:
-    """bf16 SFT -> reward model -> GRPO on a tiny model on ``device``, through the trainers' Python API."""
+    """bf16 SFT -> reward model -> GRPO, then DPO and PPO (critic + GAE) with LoRA adapters, on a tiny model on
+    ``device``, through the trainers' Python API."""
     import torch
 
     from rlhf_engine.data.jsonl import PreferenceRecord, SFTRecord
@@ -163,7 +168,7 @@ def smoke(device: str = "cuda") -> int:
     from rlhf_engine.demo.tokenizer import build_byte_tokenizer
     from rlhf_engine.models import load_causal_lm
     from rlhf_engine.models.heads import ScalarHeadModel
-    from rlhf_engine.trainers import RewardConfig, SFTConfig, train_reward_model, train_sft
+    from rlhf_engine.trainers import DPOConfig, RewardConfig, SFTConfig, train_dpo, train_reward_model, train_sft
     from rlhf_engine.trainers.ppo import PPOConfig, PPOTrainer
 
     tokenizer = build_byte_tokenizer()
@@ -182,8 +187,20 @@ def smoke(device: str = "cuda") -> int:
         config = PPOConfig(algorithm="grpo", iterations=3, prompts_per_iteration=8, n_samples=4, max_new_tokens=16,
                            lr=1e-5, minibatch_size=32, precision="bf16")
         trainer = PPOTrainer(policy, tokenizer, config, reward_model=rm.requires_grad_(False))
-        history = trainer.train([task.format_prompt(p) for p in task.make_prompts(32, 0)], progress=False)
+        prompts = [task.format_prompt(p) for p in task.make_prompts(32, 0)]
+        history = trainer.train(prompts, progress=False)
         assert all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)
+        # adapters (peft) on the GPU: DPO against the adapter-free base, PPO with a critic and GAE
+        lora = {"precision": "bf16", "lora_r": 4, "lora_alpha": 8.0}
+        rows = train_dpo(load_causal_lm(path, device=device), tokenizer, pairs,
+                         DPOConfig(steps=5, batch_size=8, lr=1e-3, max_length=160, **lora), progress=False)
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+        config = PPOConfig(algorithm="ppo", iterations=2, prompts_per_iteration=8, max_new_tokens=16, lr=1e-4,
+                           critic_lr=1e-4, minibatch_size=8, **lora)
+        trainer = PPOTrainer(load_causal_lm(path, device=device), tokenizer, config,
+                             reward_fn=lambda p, r: [sum(c < "m" for c in x) / max(1, len(x)) for x in r])
+        history = trainer.train(prompts, progress=False)
+        assert all(torch.isfinite(torch.tensor([h["policy_loss"], h["value_loss"]])).all() for h in history)
     print("smoke ok")
     return 0
 

@@ -1,8 +1,10 @@
 """PPO, GRPO and RLOO end to end on a tiny model: the mean reward of a simple reward function rises, KL stays
-bounded, and bad settings are named."""
+bounded, and bad settings are named. The model of ``setup`` lives on RLHF_ENGINE_TEST_MODEL_DEVICE (`make
+gpu-check` runs ``test_reward_rises`` on cuda)."""
 
 import pytest
 import torch
+from rollout_reference import DEVICE
 
 from rlhf_engine.demo import task
 from rlhf_engine.demo.tokenizer import build_byte_tokenizer
@@ -20,7 +22,7 @@ def setup(tmp_path):
     tokenizer = build_byte_tokenizer()
     path = task.build_tiny_model_dir(str(tmp_path / "m"), vocab_size=len(tokenizer), seed=3, hidden_size=32)
     torch.manual_seed(0)
-    return load_causal_lm(path), tokenizer
+    return load_causal_lm(path, device=DEVICE), tokenizer
 
 
 @pytest.mark.parametrize("algorithm, n_samples, kl_coef", [("ppo", 1, 0.0), ("grpo", 4, 0.01), ("rloo", 4, 0.0),
