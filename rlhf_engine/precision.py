@@ -12,7 +12,8 @@
   refreshed (one cast-copy) only when the master weights changed, i.e. at most once per optimizer step. Its cost
   is 2 bytes a parameter beside the 16 of fp32 weights + gradients + AdamW state.
 - ``tf32`` (default on): fp32 matmuls on CUDA GPUs use TF32 tensor cores (``torch.set_float32_matmul_precision``)
-  while a trainer runs (``Trainer.fit``, ``PPOTrainer.train``; the CLI sets it for its whole process).
+  while a trainer runs (``Trainer.fit``; ``PPOTrainer``'s ``train``, ``step``, ``rollout``, ``update``; the CLI
+  sets it for its whole process).
 """
 
 from __future__ import annotations
@@ -37,12 +38,33 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
 
+# NOTE: torch >= 2.9 has per-backend switches (``fp32_precision``: "tf32" / "ieee"); once one of them says "tf32"
+# (transformers' ``enable_tf32`` sets them), reading the legacy ones raises, so where they exist only they are used.
+_FP32_PRECISION = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _tf32_state() -> tuple:
+    if _FP32_PRECISION:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32_state(state: tuple) -> None:
+    if _FP32_PRECISION:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state
+    else:
+        torch.set_float32_matmul_precision(state[0])
+        torch.backends.cudnn.allow_tf32 = state[1]
+
+
 def set_tf32(device: torch.device, enabled: bool) -> None:
     """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer; ignored by older GPUs), for the process."""
     if device.type != "cuda":
         return
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = enabled
+    if _FP32_PRECISION:
+        _set_tf32_state(("tf32", "tf32") if enabled else ("ieee", "ieee"))
+    else:
+        _set_tf32_state(("high", True) if enabled else ("highest", False))
 
 
 @contextlib.contextmanager
@@ -53,13 +75,12 @@ def tf32(device: torch.device, enabled: bool):
     if device.type != "cuda":
         yield
         return
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    saved = _tf32_state()
     set_tf32(device, enabled)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+        _set_tf32_state(saved)
 
 
 def fsdp_mixed_precision(precision: str):

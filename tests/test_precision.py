@@ -100,55 +100,90 @@ def test_grpo_in_bf16_trains_fp32_masters_against_a_bf16_reference(model_dir):
     assert torch.equal(trainer.rollout_weights.model.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_tf32_holds_while_the_block_runs_and_the_callers_setting_returns(enabled):
-    """torch's TF32 flags are process-wide (settable without a GPU): a run sets them on CUDA, restores what it
-    found (an exception included), and leaves them alone on the CPU."""
-    from rlhf_engine.precision import tf32
-
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    caller = ("medium", not enabled)  # a host program's own choice, unlike either setting of ours
+_TF32_CHECK = """
+import torch
+from rlhf_engine.precision import tf32
+{caller}
+def look():  # every switch, legacy and per-backend; a legacy one raises once a per-backend one says tf32
+    out = []
+    for read in (torch.get_float32_matmul_precision, lambda: torch.backends.cuda.matmul.allow_tf32,
+                 lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cuda.matmul.fp32_precision,
+                 lambda: torch.backends.cudnn.conv.fp32_precision):
+        try:
+            out.append(read())
+        except (RuntimeError, AttributeError) as err:
+            out.append(type(err).__name__)
+    return out
+before = look()
+for enabled in (True, False):
     try:
-        torch.set_float32_matmul_precision(caller[0])
-        torch.backends.cudnn.allow_tf32 = caller[1]
-        with pytest.raises(KeyError), tf32(torch.device("cuda"), enabled):
-            assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
-            assert torch.backends.cudnn.allow_tf32 is enabled
+        with tf32(torch.device("cuda"), enabled):
+            matmul = torch.backends.cuda.matmul
+            if hasattr(matmul, "fp32_precision"):
+                assert matmul.fp32_precision == ("tf32" if enabled else "ieee"), look()
+            else:
+                assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest"), look()
             raise KeyError("a failing run")
-        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == caller
-        with tf32(torch.device("cpu"), enabled):
-            assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == caller
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+    except KeyError:
+        pass
+    assert look() == before, (enabled, before, look())
+    with tf32(torch.device("cpu"), enabled):
+        assert look() == before
+print("restored", before)
+"""
+
+
+@pytest.mark.parametrize("caller", ["", "torch.set_float32_matmul_precision('medium')",
+                                    "torch.backends.fp32_precision = 'tf32'"],
+                         ids=["torch's defaults", "legacy API", "per-backend API (transformers' enable_tf32)"])
+def test_tf32_holds_while_the_block_runs_and_the_callers_setting_returns(caller):
+    """torch's TF32 switches are process-wide (settable without a GPU; each case in a fresh interpreter): a run
+    sets them on CUDA and restores what it found, an exception included, whichever API the caller used (on torch
+    >= 2.9 reading the legacy ones raises once the per-backend ones say tf32); the CPU leaves them alone."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TF32_CHECK.format(caller=caller)], capture_output=True, text=True)
+    assert out.returncode == 0 and "restored" in out.stdout, out.stderr[-3000:]
 
 
 def test_the_trainers_run_under_their_tf32_setting(model_dir, monkeypatch):
-    """Trainer.fit (SFT, RM, DPO) and PPOTrainer.train run inside ``tf32(device, config.tf32)``: the Python API
-    honours the key as the CLI does."""
+    """Trainer.fit (SFT, RM, DPO) and PPOTrainer's train, step, rollout and update run inside
+    ``tf32(device, config.tf32)``: the Python API honours the key as the CLI does."""
     import contextlib
 
     from rlhf_engine.trainers import common
 
-    scopes, inside = [], []
+    scopes, depth = [], [0]  # every scope entered; how many are open now (they nest: train -> step -> update)
 
     @contextlib.contextmanager
     def spy(device, enabled):
         scopes.append((device.type, enabled))
-        inside.append(True)
-        yield
-        inside.append(False)
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
 
     monkeypatch.setattr(common, "tf32", spy)
     path, tokenizer = model_dir
     records = [SFTRecord(task.format_prompt(e.prompt), e.response) for e in task.make_sft_examples(4, 5)]
     steps = []
     train_sft(load_causal_lm(path), tokenizer, records, SFTConfig(steps=1, batch_size=2, max_length=64, tf32=False),
-              progress=False, on_step=lambda row: steps.append(inside[-1]))
+              progress=False, on_step=lambda row: steps.append(depth[0]))
     trainer = PPOTrainer(load_causal_lm(path), tokenizer,
                          PPOConfig(algorithm="grpo", iterations=1, prompts_per_iteration=2, n_samples=2,
                                    max_new_tokens=4, minibatch_size=4),
                          reward_fn=lambda p, r: [float(len(x)) for x in r])
-    trainer.train([task.format_prompt(p) for p in task.make_prompts(2, seed=0)], progress=False,
-                  on_step=lambda row: steps.append(inside[-1]))
-    assert scopes == [("cpu", False), ("cpu", True)] and steps == [True, True] and inside[-1] is False
+    prompts = [task.format_prompt(p) for p in task.make_prompts(2, seed=0)]
+    trainer.train(prompts, progress=False, on_step=lambda row: steps.append(depth[0]))
+    assert scopes[0] == ("cpu", False) and set(scopes[1:]) == {("cpu", True)}
+    assert steps == [1, 1] and depth[0] == 0  # each loop's callback ran inside its scope
+    for run in (trainer.step, trainer.rollout):  # the public pieces of an iteration, for a caller's own loop
+        del scopes[:]
+        run(prompts)
+        assert scopes and set(scopes) == {("cpu", True)}
+    batch = trainer.rollout(prompts)["batch"]
+    del scopes[:]
+    trainer.update(batch)
+    assert scopes == [("cpu", True)]

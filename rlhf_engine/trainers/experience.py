@@ -22,6 +22,7 @@ from rlhf_engine.models.lora import as_reference
 from rlhf_engine.ops import gae, group_advantages, kl_penalty, masked_mean, masked_whiten, reinforce_pp_returns
 from rlhf_engine.precision import autocast
 from rlhf_engine.rollout import SamplingParams
+from rlhf_engine.trainers.common import with_config_tf32
 
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis", "seq-tis", "seq-mis")
 
@@ -226,6 +227,7 @@ class ExperienceMaker:
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
+    @with_config_tf32
     def rollout(self, prompts: list[str]) -> dict:
         """Generates, scores and prepares one iteration's batch (everything the update needs)."""
         cfg = self.config

@@ -286,6 +286,7 @@ class PPOTrainer(ExperienceMaker):
         sums = ("tokens_per_s", "reward_errors")
         return {k: v if k in sums or k in maxima else v / world for k, v in out.items()}
 
+    @with_config_tf32
     def update(self, batch: dict) -> dict:
         """``ppo_epochs`` passes of minibatches over the policy loss (and the critic's value loss)."""
         if not self.config.gradient_checkpointing:
@@ -383,6 +384,7 @@ class PPOTrainer(ExperienceMaker):
         out = self._reduce({k: v / count for k, v in sums.items()}) if count else {}
         return {**out, "skipped": skipped}
 
+    @with_config_tf32
     def step(self, prompts: list) -> dict:
         """One iteration on ``prompts`` (strings, or PromptRecords / dicts whose other fields reach reward_fn)."""
         t0 = time.perf_counter()
