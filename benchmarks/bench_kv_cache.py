@@ -167,6 +167,8 @@ def main(argv=None):
         return 0
     import torch
 
+    if args.floor and args.quick:
+        raise SystemExit("--floor and --quick: choose one (--floor is the one case of issue 4's floor)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeat = args.repeat or (5 if args.quick else 10)
     batches, contexts, configs = (

@@ -110,17 +110,29 @@ def _add_options(parser) -> None:
 
 
 def _parse_case(text: str) -> tuple:
+    """``--case OP,N,H,V,DTYPE`` -> the case tuple; each bad field named with what it must be."""
     parts = text.split(",")
-    if len(parts) != 5 or parts[0] not in ("linear", "token") or parts[4] not in ("float32", "bfloat16", "float16"):
-        raise argparse.ArgumentTypeError(f"expected OP,N,H,V,DTYPE with OP linear|token and DTYPE float32|bfloat16|"
-                                         f"float16, found {text!r}")
-    try:
-        n, h, v = (int(x) for x in parts[1:4])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"N, H and V must be integers, found {text!r}") from None
-    if n < 1 or v < 2 or (parts[0] == "linear") != (h > 0):
-        raise argparse.ArgumentTypeError(f"need N >= 1, V >= 2, H > 0 for linear and H = 0 for token, found {text!r}")
-    return (parts[0], n, h, v, parts[4])
+    if len(parts) != 5:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 5 comma-separated fields OP,N,H,V,DTYPE, found "
+                                         f"{len(parts)}")
+    op, dtype = parts[0], parts[4]
+    if op not in ("linear", "token"):
+        raise argparse.ArgumentTypeError(f"{text!r}: OP is {op!r}; use linear or token")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise argparse.ArgumentTypeError(f"{text!r}: DTYPE is {dtype!r}; use float32, bfloat16 or float16")
+    sizes = {}
+    for name, value, low in (("N", parts[1], 1), ("H", parts[2], 0), ("V", parts[3], 2)):
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} is {value!r}; it must be an integer") from None
+        if sizes[name] < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} is {sizes[name]}; it must be at least {low}")
+    if op == "token" and sizes["H"]:
+        raise argparse.ArgumentTypeError(f"{text!r}: H is {sizes['H']}; use 0 for OP token (no hidden states)")
+    if op == "linear" and not sizes["H"]:
+        raise argparse.ArgumentTypeError(f"{text!r}: H is 0; OP linear needs the hidden size, at least 1")
+    return (op, sizes["N"], sizes["H"], sizes["V"], dtype)
 
 
 def _case(row: dict) -> tuple:

@@ -9,8 +9,9 @@ Steps, each a row of the table (and of the JSON), the exit status 1 if any faile
    ``cuda``, and the rollout exactness tests with their models on ``cuda`` (``RLHF_ENGINE_TEST_MODEL_DEVICE``);
 3. the RL trainers' reward-rises test on cuda (ppo, grpo, rloo, reinforce++, remax; fp32), and a bf16 smoke on a
    tiny model on the GPU: SFT, reward model, GRPO, then DPO and PPO with LoRA adapters;
-4. each microbenchmark's floor case against the naive PyTorch path (time and peak memory: a row each, with the
-   floor beside the figure; a floor not met is reported, not counted as a failure: this run proves correctness),
+4. the floor cases of the log-prob, PPO-loss and paged-attention microbenchmarks against the naive PyTorch path
+   (time and peak memory: a row each, with the floor beside the figure; a floor not met is reported, not counted
+   as a failure: this run proves correctness),
    and the device-to-device copy bandwidth of this GPU (the limit of a pass over bf16 logits) beside what a
    token log-prob pass over 16384 x 151936 bf16 logits achieves.
 It uses the interpreter it runs under, creates no venv and downloads nothing; the checkout runs uninstalled.
@@ -29,6 +30,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # bench_logprobs, beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_logit_transforms.py",
                 "tests/test_ppo_ops.py", "tests/test_dispatch.py",
                 "tests/test_advantages.py::test_gae_matches_reference",
@@ -39,9 +42,10 @@ ROLLOUT_TESTS = ["tests/test_rollout.py", "tests/test_rollout_architectures.py"]
 TRAINER_TESTS = ["tests/test_ppo_trainer.py::test_reward_rises"]  # ppo (critic + GAE), grpo, rloo, reinforce++, remax
 BANDWIDTH_CASE = "token,16384,0,151936,bfloat16"  # 4.7 GiB of bf16 logits: a pass long enough to be read-bound
 # (script, its options): each microbenchmark on its floor cases, its rows into bench_out/gpu_<script>.json
+# (one subprocess a measurement: 22 in all, the PPO losses last)
 BENCHMARKS = [("bench_logprobs.py", ["--floor", "--case", BANDWIDTH_CASE]),  # the issue-2 floor + the bandwidth
-              ("bench_ppo_loss.py", ["--providers", "naive,ours"]),  # its default shapes are issue 15's floors
-              ("bench_kv_cache.py", ["--floor"])]  # issue 4's floor: batch 32, context 1024
+              ("bench_kv_cache.py", ["--floor"]),  # issue 4's floor: batch 32, context 1024
+              ("bench_ppo_loss.py", ["--providers", "naive,ours"])]  # its default shapes are issue 15's floors
 BUDGET_S = 8 * 60
 
 
@@ -110,15 +114,15 @@ def _ratios(rows: list[dict], key: tuple[str, ...], time_field: str) -> dict[tup
     return out
 
 
-def _verdict(value: float, floor: float) -> str:
-    return f"{value:.2f}x (floor {floor}x: {'met' if value <= floor else 'NOT met'})"
+def _verdict(value: float, floor: float, unit: str = "x") -> str:
+    return f"{value:.2f}{unit} (floor {floor}{unit}: {'met' if value <= floor else 'NOT met'})"
 
 
 def benchmark_rows(bench_dir: str, copy_gbs: float | None) -> list[dict]:
     """The table's rows of measured figures, read from the benchmarks' JSON files: each floor case's time and
-    memory against naive PyTorch, and the log-prob pass's bandwidth against ``copy_gbs`` (None: not measured).
+    memory against naive PyTorch, and the log-prob pass's bandwidth, as a share of ``copy_gbs`` (the measured
+    device-to-device copy rate; None: not measured).
     A missing file or case gives no row (its benchmark's step has already failed)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_logprobs import FLOOR_CASE
 
     def load(script):
@@ -131,7 +135,7 @@ def benchmark_rows(bench_dir: str, copy_gbs: float | None) -> list[dict]:
     def row(text):
         return {"step": text, "ok": True, "seconds": 0.0}
 
-    rows = [] if copy_gbs is None else [row(f"D2D copy bandwidth {copy_gbs:.0f} GB/s")]
+    rows = []
     logprobs = load("bench_logprobs.py")
     for case, r in _ratios(logprobs, ("op", "N", "H", "V", "dtype"), "full_ms").items():
         if case == FLOOR_CASE:  # issue 2: time at most 1.3x naive, peak memory at most 1/8 of it
@@ -148,8 +152,8 @@ def benchmark_rows(bench_dir: str, copy_gbs: float | None) -> list[dict]:
         worst = max((case for case in ppo if case[1:] == shape), key=lambda case: ppo[case]["time"])
         extra = max(ppo[case]["row"]["extra_fp32"] for case in ppo if case[1:] == shape)
         rows.append(row(f"ppo_policy_loss {shape[0]}x{shape[1]} fwd+bwd, slowest kind ({worst[0]}): time "
-                        f"{_verdict(ppo[worst]['time'], 0.5)} of naive; most extra memory {extra:.2f} fp32 "
-                        f"[B, T] tensors (floor 2)"))
+                        f"{_verdict(ppo[worst]['time'], 0.5)} of naive; most extra memory "
+                        f"{_verdict(extra, 2, ' fp32 [B, T] tensors')}"))
     decode = [r for r in load("bench_kv_cache.py") if r["bench"] == "decode"]  # (its prefix rows count tokens)
     for case, r in _ratios(decode, ("kv_heads", "head_dim", "batch", "context"), "ms").items():
         if case[2:] == (32, 1024):  # issue 4: at least as fast as gather + SDPA at batch 32, context 1024
@@ -250,15 +254,20 @@ def main(argv=None) -> int:
             rows.append({"step": name, "ok": False, "seconds": 0.0, "output": "not run: the 8-minute budget is spent"})
             continue
         log = os.path.join(logs, f"{i:02d}-{''.join(c if c.isalnum() else '-' for c in name)}.log")
-        rows.append(_run(name, cmd, env, timeout=int(max(30, left)), log=log))
+        rows.append(_run(name, cmd, env, timeout=int(left) + 1, log=log))  # the budget is the whole run's
         print(f"{'ok  ' if rows[-1]['ok'] else 'FAIL'} {name} ({rows[-1]['seconds']} s)", flush=True)
     try:
         copy_gbs = copy_bandwidth_gbs()
+        rows.append({"step": f"D2D copy bandwidth {copy_gbs:.0f} GB/s", "ok": True, "seconds": 0.0})
     except Exception as err:  # a failed row: the table and the JSON still come out
         rows.append({"step": "D2D copy bandwidth", "ok": False, "seconds": 0.0,
                      "output": f"{type(err).__name__}: {err}"})
         copy_gbs = None
-    rows += benchmark_rows(os.path.join(ROOT, "bench_out"), copy_gbs)
+    try:
+        rows += benchmark_rows(os.path.join(ROOT, "bench_out"), copy_gbs)
+    except Exception as err:  # a benchmark whose rows changed shape: a failed row, the rest of the table kept
+        rows.append({"step": "reading the benchmarks' rows", "ok": False, "seconds": 0.0,
+                     "output": f"{type(err).__name__}: {err}"})
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
                "seconds": round(time.perf_counter() - start, 1)}
     with open(args.json, "w") as f:

@@ -29,8 +29,8 @@ def test_without_a_gpu_it_lists_the_steps_and_exits_0(capsys):
 
 
 def test_the_smoke_runs_on_the_cpu():
-    """The GPU smoke (bf16 SFT -> reward model -> GRPO through the trainers' API) on the CPU: its calls stay in
-    step with the trainers between the rare runs on a GPU."""
+    """The GPU smoke (bf16 SFT -> reward model -> GRPO, DPO and PPO with LoRA, through the trainers' API) on the
+    CPU: its calls stay in step with the trainers between the rare runs on a GPU."""
     assert _load().smoke("cpu") == 0
 
 
@@ -75,7 +75,8 @@ def bench_rows():
     loss = ppo.worker("ppo", 2, 8, "ours", 1, "cpu")
     decode = kv.decode_worker(1, 16, 1, 8, "ours", 1, "cpu")
     prefix = kv.prefix_rows(1)
-    return {
+    real = {"token": token, "linear": linear, "ppo": loss, "decode": decode}
+    rows = {
         "bench_logprobs.py": [{**linear, "N": 8192, "H": 512, "V": 32000, "provider": p, "forward_ms": f,
                                "full_ms": t, "peak_mib": m}
                               for p, f, t, m in (("naive", 40.0, 100.0, 1000.0), ("ours", 30.0, 90.0, 100.0))]
@@ -92,6 +93,12 @@ def bench_rows():
                                                     (8, 256, "naive", 1.0, 20.0), (8, 256, "ours", 0.5, 40.0))]
                              + prefix,  # its prefix-sharing rows, which the table does not read
     }
+    for written in rows.values():  # only fields the benchmarks write: a renamed one fails here, not on the GPU
+        for row in written:
+            kind = row.get("op") or ("ppo" if "policy" in row else row["bench"])
+            if kind != "prefix":
+                assert row.keys() == real[kind].keys(), (kind, set(row) ^ set(real[kind]))
+    return rows
 
 
 def test_on_a_gpu_it_runs_every_step_and_tables_the_floors(bench_rows, monkeypatch, tmp_path, capsys):
@@ -148,7 +155,7 @@ def test_the_ppo_floor_row_names_the_slowest_kind(bench_rows, tmp_path):
     path.write_text(__import__("json").dumps(bench_rows["bench_ppo_loss.py"]))
     assert [r["step"] for r in module.benchmark_rows(str(tmp_path), None)] == [
         "ppo_policy_loss 64x2048 fwd+bwd, slowest kind (sapo): time 0.45x (floor 0.5x: met) of naive; most extra "
-        "memory 0.98 fp32 [B, T] tensors (floor 2)"]
+        "memory 0.98 fp32 [B, T] tensors (floor 2 fp32 [B, T] tensors: met)"]
 
 
 def test_a_spent_budget_fails_the_steps_it_did_not_run(monkeypatch, tmp_path, capsys):
@@ -163,3 +170,22 @@ def test_a_spent_budget_fails_the_steps_it_did_not_run(monkeypatch, tmp_path, ca
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU of the test")
     assert module.main(["--json", str(tmp_path / "gpu_check.json")]) == 1
     assert "not run: the 8-minute budget is spent" in capsys.readouterr().out
+
+
+def test_rows_it_cannot_read_fail_one_row_and_keep_the_table(monkeypatch, tmp_path, capsys):
+    import json
+    import sys
+
+    module = _load()
+    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    bad = json.dumps([{"bench": "decode", "provider": "naive", "ms": 1.0}])  # a benchmark whose rows changed shape
+    write = f"import os; os.makedirs('bench_out', exist_ok=True); open({module._bench_json('bench_kv_cache.py')!r}, " \
+            f"'w').write({bad!r})"
+    monkeypatch.setattr(module, "plan", lambda: [("writes", [sys.executable, "-c", write], {})])
+    monkeypatch.setattr(module, "copy_bandwidth_gbs", lambda: 4000.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU of the test")
+    assert module.main(["--json", str(tmp_path / "gpu_check.json")]) == 1
+    out = capsys.readouterr().out
+    assert "| reading the benchmarks' rows | FAIL |" in out and "KeyError: 'kv_heads'" in out
+    assert "| writes | ok |" in out and "| D2D copy bandwidth 4000 GB/s | ok |" in out
