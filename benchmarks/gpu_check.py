@@ -11,9 +11,8 @@ Steps, each a row of the table (and of the JSON), the exit status 1 if any faile
    tiny model on the GPU: SFT, reward model, GRPO, then DPO and PPO with LoRA adapters;
 4. the floor cases of the log-prob, PPO-loss and paged-attention microbenchmarks against the naive PyTorch path
    (time and peak memory: a row each, with the floor beside the figure; a floor not met is reported, not counted
-   as a failure: this run proves correctness),
-   and the device-to-device copy bandwidth of this GPU (the limit of a pass over bf16 logits) beside what a
-   token log-prob pass over 16384 x 151936 bf16 logits achieves.
+   as a failure: this run proves correctness), and the device-to-device copy bandwidth of this GPU (the limit of
+   a pass over bf16 logits) beside what a token log-prob pass over 16384 x 151936 bf16 logits achieves.
 It uses the interpreter it runs under, creates no venv and downloads nothing; the checkout runs uninstalled.
 Each step's whole output goes to ``bench_out/gpu_check_logs/`` (a test step reports all its failures, not the
 first). Without a GPU it says so, lists the steps and exits 0.
