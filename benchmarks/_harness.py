@@ -86,6 +86,17 @@ def run_worker(script: str, payload: list) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def relative_to_naive(rows: list[dict], key_fields, field: str) -> list[float]:
+    """Each row's ``field`` as a multiple of that of the ``naive`` row with the same ``key_fields`` (nan without
+    one, or where naive's is 0)."""
+    base = {tuple(r[k] for k in key_fields): r for r in rows if r["provider"] == "naive"}
+    out = []
+    for r in rows:
+        ref = base.get(tuple(r[k] for k in key_fields))
+        out.append(r[field] / ref[field] if ref and ref[field] > 0 else float("nan"))
+    return out
+
+
 def print_table(
     rows: list[dict],
     key_fields: list[str],
@@ -94,13 +105,10 @@ def print_table(
 ) -> None:
     """One line a row; the two ``ratios`` columns (field, title) are relative to the ``naive`` row of the same key."""
     (t_field, t_title), (m_field, m_title) = ratios
-    base = {tuple(r[k] for k in key_fields): r for r in rows if r["provider"] == "naive"}
     headers = key_fields + ["provider"] + [title for _, title in value_fields] + [t_title, m_title]
     table = []
-    for r in rows:
-        ref = base.get(tuple(r[k] for k in key_fields))
-        t_ratio = r[t_field] / ref[t_field] if ref and ref[t_field] > 0 else float("nan")
-        m_ratio = r[m_field] / ref[m_field] if ref and ref[m_field] > 0 else float("nan")
+    t_ratios, m_ratios = (relative_to_naive(rows, key_fields, field) for field in (t_field, m_field))
+    for r, t_ratio, m_ratio in zip(rows, t_ratios, m_ratios, strict=True):
         cells = [str(r[k]) for k in key_fields] + [r["provider"]]
         cells += [f"{r[field]:.2f}" if isinstance(r[field], float) else str(r[field]) for field, _ in value_fields]
         table.append(cells + [f"{t_ratio:.2f}", f"{m_ratio:.3f}"])

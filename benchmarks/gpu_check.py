@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,8 +30,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # bench_logprobs, beside this file
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the benchmarks beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import relative_to_naive  # noqa: E402
+from bench_logprobs import FLOOR_CASE  # noqa: E402
+
 KERNEL_TESTS = ["tests/test_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_logit_transforms.py",
                 "tests/test_ppo_ops.py", "tests/test_dispatch.py",
                 "tests/test_advantages.py::test_gae_matches_reference",
@@ -101,16 +105,9 @@ def _bench_json(script: str) -> str:
 
 def _ratios(rows: list[dict], key: tuple[str, ...], time_field: str) -> dict[tuple, dict]:
     """Per case (the ``key`` fields): ours' time and peak memory as multiples of the naive row of the same case."""
-    naive = {tuple(r[k] for k in key): r for r in rows if r["provider"] == "naive"}
-    out = {}
-    for r in rows:
-        base = naive.get(tuple(r[k] for k in key))
-        if r["provider"] == "ours" and base and base[time_field] > 0:
-            out[tuple(r[k] for k in key)] = {
-                "time": r[time_field] / base[time_field],
-                "memory": r["peak_mib"] / base["peak_mib"] if base["peak_mib"] > 0 else float("nan"),
-                "row": r}
-    return out
+    times, memory = relative_to_naive(rows, key, time_field), relative_to_naive(rows, key, "peak_mib")
+    return {tuple(r[k] for k in key): {"time": t, "memory": m, "row": r}
+            for r, t, m in zip(rows, times, memory, strict=True) if r["provider"] == "ours" and not math.isnan(t)}
 
 
 def _verdict(value: float, floor: float, unit: str = "x") -> str:
@@ -122,7 +119,6 @@ def benchmark_rows(bench_dir: str, copy_gbs: float | None) -> list[dict]:
     memory against naive PyTorch, and the log-prob pass's bandwidth, as a share of ``copy_gbs`` (the measured
     device-to-device copy rate; None: not measured).
     A missing file or case gives no row (its benchmark's step has already failed)."""
-    from bench_logprobs import FLOOR_CASE
 
     def load(script):
         path = os.path.join(bench_dir, os.path.basename(_bench_json(script)))

@@ -11,9 +11,9 @@
   are already in ``param_dtype``; otherwise ``RolloutWeights`` keeps a compute-dtype shadow of the policy,
   refreshed (one cast-copy) only when the master weights changed, i.e. at most once per optimizer step. Its cost
   is 2 bytes a parameter beside the 16 of fp32 weights + gradients + AdamW state.
-- ``tf32`` (default on): fp32 matmuls on CUDA GPUs use TF32 tensor cores (``torch.set_float32_matmul_precision``)
-  while a trainer runs (``Trainer.fit``; ``PPOTrainer``'s ``train``, ``step``, ``rollout``, ``update``; the CLI
-  sets it for its whole process).
+- ``tf32`` (default on): fp32 matmuls on CUDA GPUs use TF32 tensor cores (torch's per-backend
+  ``fp32_precision`` switches, the legacy ones before torch 2.9) while a trainer runs (``Trainer.fit``;
+  ``PPOTrainer``'s ``train``, ``step``, ``rollout``, ``update``; the CLI sets it for its whole process).
 """
 
 from __future__ import annotations

@@ -65,6 +65,17 @@ def _benchmark(name):
     return module
 
 
+@pytest.fixture()
+def on_a_gpu(monkeypatch, tmp_path):
+    """gpu_check as on a GPU machine (torch sees one; the copy rate 4000 GB/s), its tree ``tmp_path``."""
+    module = _load()
+    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    monkeypatch.setattr(module, "copy_bandwidth_gbs", lambda: 4000.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU of the test")
+    return module
+
+
 @pytest.fixture(scope="module")
 def bench_rows():
     """Rows as the three benchmarks write them (one real row of each kind, measured here on tiny shapes, its
@@ -101,16 +112,14 @@ def bench_rows():
     return rows
 
 
-def test_on_a_gpu_it_runs_every_step_and_tables_the_floors(bench_rows, monkeypatch, tmp_path, capsys):
+def test_on_a_gpu_it_runs_every_step_and_tables_the_floors(on_a_gpu, bench_rows, monkeypatch, tmp_path, capsys):
     """The GPU-only half of main() on the CPU, its steps replaced by small commands: every step runs (a failing
     one does not stop the rest), each has its log, the failure's output precedes the table, the exit status is
     1, a stale benchmark file is removed before the run, and the floor rows carry the benchmarks' figures."""
     import json
     import sys
 
-    module = _load()
-    rows = bench_rows
-    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    module, rows = on_a_gpu, bench_rows
     (tmp_path / "bench_out").mkdir()
     for script, data in rows.items():  # an earlier run's files: removed first, or this run would read them
         (tmp_path / module._bench_json(script)).write_text(json.dumps(data))
@@ -121,9 +130,6 @@ def test_on_a_gpu_it_runs_every_step_and_tables_the_floors(bench_rows, monkeypat
              ("benchmarks", [sys.executable, "-c", write, json.dumps(fresh)], {}),
              ("passes", [sys.executable, "-c", "print('fine')"], {"SOME_FLAG": "1"})]
     monkeypatch.setattr(module, "plan", lambda: steps)
-    monkeypatch.setattr(module, "copy_bandwidth_gbs", lambda: 4000.0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU of the test")
     out_json = tmp_path / "out" / "gpu_check.json"
     assert module.main(["--json", str(out_json)]) == 1
     out = capsys.readouterr().out
@@ -158,33 +164,25 @@ def test_the_ppo_floor_row_names_the_slowest_kind(bench_rows, tmp_path):
         "memory 0.98 fp32 [B, T] tensors (floor 2 fp32 [B, T] tensors: met)"]
 
 
-def test_a_spent_budget_fails_the_steps_it_did_not_run(monkeypatch, tmp_path, capsys):
+def test_a_spent_budget_fails_the_steps_it_did_not_run(on_a_gpu, monkeypatch, tmp_path, capsys):
     import sys
 
-    module = _load()
-    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    module = on_a_gpu
     monkeypatch.setattr(module, "BUDGET_S", 0)
     monkeypatch.setattr(module, "plan", lambda: [("never", [sys.executable, "-c", "raise SystemExit(0)"], {})])
-    monkeypatch.setattr(module, "copy_bandwidth_gbs", lambda: 4000.0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU of the test")
     assert module.main(["--json", str(tmp_path / "gpu_check.json")]) == 1
     assert "not run: the 8-minute budget is spent" in capsys.readouterr().out
 
 
-def test_rows_it_cannot_read_fail_one_row_and_keep_the_table(monkeypatch, tmp_path, capsys):
+def test_rows_it_cannot_read_fail_one_row_and_keep_the_table(on_a_gpu, monkeypatch, tmp_path, capsys):
     import json
     import sys
 
-    module = _load()
-    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    module = on_a_gpu
     bad = json.dumps([{"bench": "decode", "provider": "naive", "ms": 1.0}])  # a benchmark whose rows changed shape
     write = f"import os; os.makedirs('bench_out', exist_ok=True); open({module._bench_json('bench_kv_cache.py')!r}, " \
             f"'w').write({bad!r})"
     monkeypatch.setattr(module, "plan", lambda: [("writes", [sys.executable, "-c", write], {})])
-    monkeypatch.setattr(module, "copy_bandwidth_gbs", lambda: 4000.0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU of the test")
     assert module.main(["--json", str(tmp_path / "gpu_check.json")]) == 1
     out = capsys.readouterr().out
     assert "| reading the benchmarks' rows | FAIL |" in out and "KeyError: 'kv_heads'" in out
